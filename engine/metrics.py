@@ -1,0 +1,50 @@
+"""Prometheus metrics shared by the engine, the plugin host and the daemon.
+
+prometheus_client is the reference implementation of the exposition format;
+one registry per process, so two engines in one test process keep their own
+figures.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.plugin_errors = Counter(
+            "slotengine_plugin_errors_total", "Plugin hook calls that raised", ["plugin", "hook"], registry=r
+        )
+        self.plugin_seconds = Histogram(
+            "slotengine_plugin_seconds", "Time spent in plugin hook calls", ["plugin", "hook"], registry=r
+        )
+        self.messages_received = Counter(
+            "slotengine_messages_received_total", "Inbound HL7 messages received", ["feed"], registry=r
+        )
+        self.messages_acked = Counter(
+            "slotengine_messages_acknowledged_total", "Acknowledgements sent", ["feed", "code"], registry=r
+        )
+        self.messages_applied = Counter(
+            "slotengine_messages_applied_total", "Inbound messages applied", ["feed"], registry=r
+        )
+        self.messages_parked = Counter(
+            "slotengine_messages_parked_total", "Inbound messages parked with an error", ["feed"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "slotengine_queue_depth", "Stored messages waiting to be applied", registry=r
+        )
+        self.ack_seconds = Histogram(
+            "slotengine_ack_seconds", "Receipt to acknowledgement", ["feed"], registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.apply_seconds = Histogram(
+            "slotengine_apply_seconds", "Time to apply one message", ["feed"], registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.job_runs = Counter(
+            "slotengine_job_runs_total", "Timed job runs", ["job", "outcome"], registry=r
+        )
+        self.storage_failures = Counter(
+            "slotengine_storage_failures_total", "Messages that could not be stored", ["feed"], registry=r
+        )

@@ -1,0 +1,178 @@
+"""The service API's vocabulary: what callers ask for and what they get back.
+
+Plain dataclasses, no ORM objects, so the HL7 side, the CLI and plugins can
+build requests without a session, and results can cross thread boundaries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who or what caused a change: recorded in every audit entry.
+
+    kind: operator | plugin | message | system | api;  source: e.g. the stored
+    message id or the CLI command line.
+    """
+
+    kind: str
+    name: str
+    source: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+SYSTEM = Actor("system", "slotengine")
+
+
+@dataclass(frozen=True)
+class Identifier:
+    value: str
+    authority: str = ""
+    type_code: str = ""
+
+
+@dataclass
+class PatientRecord:
+    """Demographics as a source knows them; ``None`` means "not said", so an
+    update from a sparse message does not erase what another message said."""
+
+    identifiers: list[Identifier] = field(default_factory=list)
+    family_name: Optional[str] = None
+    given_name: Optional[str] = None
+    birth_date: Optional[date] = None
+    sex: Optional[str] = None
+    language: Optional[str] = None
+    email: Optional[str] = None
+    phones: Optional[list[dict[str, str]]] = None
+    address: Optional[dict[str, str]] = None
+    needs_interpreter: Optional[bool] = None
+    mobility: Optional[str] = None
+    other_needs: Optional[str] = None
+    preferred_provider_gender: Optional[str] = None
+    preferred_weekdays: Optional[list[int]] = None
+    preferred_earliest: Optional[time] = None
+    preferred_latest: Optional[time] = None
+    preferred_channel: Optional[str] = None
+    confidential: Optional[bool] = None
+
+
+@dataclass
+class CoverageRecord:
+    payer_id: str
+    member_id: str = ""
+    payer_name: str = ""
+    plan_id: str = ""
+    group_number: str = ""
+    priority: int = 1
+    effective_date: Optional[date] = None
+    expiry_date: Optional[date] = None
+    verification_status: str = "unverified"
+    verified_at: Optional[datetime] = None
+
+
+@dataclass
+class BookingRequest:
+    """Book (or hold) a patient into a slot, or at a start time with a provider.
+
+    Several resources (room, equipment) are booked with the provider in one
+    transaction: all or nothing.
+    """
+
+    patient_id: int
+    appointment_type: str
+    slot_id: Optional[int] = None
+    provider_id: Optional[int] = None
+    start: Optional[datetime] = None
+    duration_minutes: Optional[int] = None
+    resource_ids: tuple[int, ...] = ()
+    urgency: str = "routine"
+    reason: str = ""
+    notes: str = ""
+    placer_id: Optional[str] = None
+    filler_id: Optional[str] = None
+
+
+@dataclass
+class ExternalAppointment:
+    """An appointment as the EHR (the filler, in mirror mode) says it is."""
+
+    status: str
+    start: datetime
+    end: datetime
+    appointment_type: str = "general"
+    placer_id: Optional[str] = None
+    filler_id: Optional[str] = None
+    patient_id: Optional[int] = None
+    provider_id: Optional[int] = None
+    location_id: Optional[int] = None
+    resource_ids: tuple[int, ...] = ()
+    reason: str = ""
+    urgency: str = "routine"
+    notes: str = ""
+
+
+@dataclass
+class SlotQuery:
+    appointment_type: str
+    start: datetime
+    end: datetime
+    duration_minutes: Optional[int] = None
+    provider_id: Optional[int] = None
+    specialty: Optional[str] = None
+    location_id: Optional[int] = None
+    patient_id: Optional[int] = None  # brings the patient's own preferences
+    urgency: str = "routine"
+    provider_gender: Optional[str] = None
+    language: Optional[str] = None
+    weekdays: Optional[list[int]] = None
+    earliest: Optional[time] = None
+    latest: Optional[time] = None
+    limit: int = 10
+
+
+@dataclass
+class Candidate:
+    slot_id: int
+    start: datetime
+    end: datetime
+    provider_id: Optional[int]
+    resource_id: Optional[int]
+    location_id: int
+    slot_type: str
+    seats_left: int
+    score: float = 0.0
+    slot_ids: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slot_id": self.slot_id,
+            "slot_ids": list(self.slot_ids or (self.slot_id,)),
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "provider_id": self.provider_id,
+            "resource_id": self.resource_id,
+            "location_id": self.location_id,
+            "slot_type": self.slot_type,
+            "seats_left": self.seats_left,
+            "score": self.score,
+        }
+
+
+@dataclass(frozen=True)
+class Change:
+    """One committed change to the schedule, as plugins and outbound feeds see it."""
+
+    kind: str  # booked, held, rescheduled, modified, cancelled, ... slots_blocked, slots_opened
+    appointment_id: Optional[int]
+    from_state: str
+    to_state: str
+    actor: Actor
+    reason: str = ""
+    slot_ids: tuple[int, ...] = ()
+    detail: dict[str, Any] = field(default_factory=dict)
