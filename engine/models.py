@@ -15,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Date,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -230,6 +231,7 @@ class Appointment(Base):
     conflict: Mapped[str] = mapped_column(Text, default="")  # mirror mode: what overlaps
     review_reason: Mapped[str] = mapped_column(Text, default="")  # held for staff review
     eligibility: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    confirmed_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)  # the patient said they will come
     source: Mapped[str] = mapped_column(String(32), default="api")  # api | mirror | filler
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -322,6 +324,8 @@ class InboundMessage(Base):
     peer: Mapped[str] = mapped_column(String(100), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # Tells a resend (same content) from a control id reused for another message.
+    content_hash: Mapped[str] = mapped_column(String(64), default="")
     status: Mapped[str] = mapped_column(String(16), index=True)
     ack: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
     application_ack: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
@@ -344,7 +348,7 @@ class OutboxItem(Base):
     due_at: Mapped[datetime] = mapped_column(UTCDateTime)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"))
+    appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -359,3 +363,82 @@ class JobRun(Base):
     last_finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
     last_outcome: Mapped[str] = mapped_column(Text, default="")
     runs: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class PluginTask(Base):
+    """Timed work a plugin planned in the same transaction as its cause
+    (re-check coverage two days before, fill slots that were freed, release an
+    emergency hold).  A sweep claims due rows and marks them done together with
+    their effects; ``dedupe_key`` makes "plan this once" an insert that the
+    database refuses the second time."""
+
+    __tablename__ = "plugin_tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    plugin: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(40))
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | done | failed | withdrawn
+    appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"), index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    dedupe_key: Mapped[Optional[str]] = mapped_column(String(200), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    done_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    __table_args__ = (Index("ix_plugin_tasks_status_due", "status", "plugin", "due_at"),)
+
+
+# --- plugin-owned records -----------------------------------------------------
+
+
+class Referral(Base):
+    """A request from a referring provider for a specialist consult.
+
+    received → routed → booked | waitlisted → completed (or cancelled /
+    unroutable); ``history`` keeps each step with its time and a note.
+    """
+
+    __tablename__ = "referrals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[Optional[str]] = mapped_column(String(100), unique=True)  # e.g. RF1-6 of a REF^I12
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    specialty: Mapped[str] = mapped_column(String(64))
+    urgency: Mapped[str] = mapped_column(String(16), default="routine")  # routine | urgent
+    payer_id: Mapped[str] = mapped_column(String(64), default="")
+    referring_provider: Mapped[str] = mapped_column(String(200), default="")
+    referring_contact: Mapped[str] = mapped_column(String(200), default="")  # where the referrer hears back
+    reason: Mapped[str] = mapped_column(Text, default="")  # clinical: never sent to the patient
+    language: Mapped[str] = mapped_column(String(32), default="")
+    location_id: Mapped[Optional[int]] = mapped_column(ForeignKey("locations.id"))  # preferred
+    status: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
+    appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"), index=True)
+    waitlist_id: Mapped[Optional[int]] = mapped_column(ForeignKey("waitlist.id"))
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WaitlistOffer(Base):
+    """A freed slot offered to a waitlisted patient until ``expires_at``.
+
+    Several patients may hold offers for one slot at once; the first to accept
+    books it and the others' offers become ``taken``.
+    """
+
+    __tablename__ = "waitlist_offers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    waitlist_id: Mapped[int] = mapped_column(ForeignKey("waitlist.id"), index=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"))
+    slot_id: Mapped[int] = mapped_column(ForeignKey("slots.id"), index=True)
+    start: Mapped[datetime] = mapped_column(UTCDateTime)
+    end: Mapped[datetime] = mapped_column(UTCDateTime)
+    provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
+    # offered | accepted | declined | expired | taken | withdrawn
+    status: Mapped[str] = mapped_column(String(16), default="offered")
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    offered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    responded_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"))
+    __table_args__ = (Index("ix_waitlist_offers_status_expires", "status", "expires_at"),)

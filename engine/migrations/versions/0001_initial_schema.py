@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 06:22:14.520443
+Create Date: 2026-11-27 06:43:37.730967
 """
 from alembic import op
 import sqlalchemy as sa
@@ -45,6 +45,7 @@ def upgrade() -> None:
     sa.Column('peer', sa.String(length=100), nullable=False),
     sa.Column('received_at', engine.db.UTCDateTime(), nullable=False),
     sa.Column('raw', sa.LargeBinary(), nullable=False),
+    sa.Column('content_hash', sa.String(length=64), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('ack', sa.LargeBinary(), nullable=True),
     sa.Column('application_ack', sa.LargeBinary(), nullable=True),
@@ -178,6 +179,7 @@ def upgrade() -> None:
     sa.Column('conflict', sa.Text(), nullable=False),
     sa.Column('review_reason', sa.Text(), nullable=False),
     sa.Column('eligibility', sa.JSON(), nullable=False),
+    sa.Column('confirmed_at', engine.db.UTCDateTime(), nullable=True),
     sa.Column('source', sa.String(length=32), nullable=False),
     sa.Column('created_at', engine.db.UTCDateTime(), nullable=False),
     sa.Column('updated_at', engine.db.UTCDateTime(), nullable=False),
@@ -256,7 +258,29 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_outbox'))
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_outbox_appointment_id'), ['appointment_id'], unique=False)
         batch_op.create_index('ix_outbox_status_due', ['status', 'due_at'], unique=False)
+
+    op.create_table('plugin_tasks',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('plugin', sa.String(length=64), nullable=False),
+    sa.Column('kind', sa.String(length=40), nullable=False),
+    sa.Column('due_at', engine.db.UTCDateTime(), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('appointment_id', sa.Integer(), nullable=True),
+    sa.Column('payload', sa.JSON(), nullable=False),
+    sa.Column('dedupe_key', sa.String(length=200), nullable=True),
+    sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('last_error', sa.Text(), nullable=False),
+    sa.Column('created_at', engine.db.UTCDateTime(), nullable=False),
+    sa.Column('done_at', engine.db.UTCDateTime(), nullable=True),
+    sa.ForeignKeyConstraint(['appointment_id'], ['appointments.id'], name=op.f('fk_plugin_tasks_appointment_id_appointments')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_plugin_tasks')),
+    sa.UniqueConstraint('dedupe_key', name=op.f('uq_plugin_tasks_dedupe_key'))
+    )
+    with op.batch_alter_table('plugin_tasks', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_plugin_tasks_appointment_id'), ['appointment_id'], unique=False)
+        batch_op.create_index('ix_plugin_tasks_status_due', ['status', 'plugin', 'due_at'], unique=False)
 
     op.create_table('reservations',
     sa.Column('subject', sa.String(length=40), nullable=False),
@@ -332,11 +356,81 @@ def upgrade() -> None:
     with op.batch_alter_table('appointment_slots', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_appointment_slots_slot_id'), ['slot_id'], unique=False)
 
+    op.create_table('referrals',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('external_id', sa.String(length=100), nullable=True),
+    sa.Column('patient_id', sa.Integer(), nullable=False),
+    sa.Column('specialty', sa.String(length=64), nullable=False),
+    sa.Column('urgency', sa.String(length=16), nullable=False),
+    sa.Column('payer_id', sa.String(length=64), nullable=False),
+    sa.Column('referring_provider', sa.String(length=200), nullable=False),
+    sa.Column('referring_contact', sa.String(length=200), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('language', sa.String(length=32), nullable=False),
+    sa.Column('location_id', sa.Integer(), nullable=True),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('provider_id', sa.Integer(), nullable=True),
+    sa.Column('appointment_id', sa.Integer(), nullable=True),
+    sa.Column('waitlist_id', sa.Integer(), nullable=True),
+    sa.Column('history', sa.JSON(), nullable=False),
+    sa.Column('received_at', engine.db.UTCDateTime(), nullable=False),
+    sa.Column('updated_at', engine.db.UTCDateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['appointment_id'], ['appointments.id'], name=op.f('fk_referrals_appointment_id_appointments')),
+    sa.ForeignKeyConstraint(['location_id'], ['locations.id'], name=op.f('fk_referrals_location_id_locations')),
+    sa.ForeignKeyConstraint(['patient_id'], ['patients.id'], name=op.f('fk_referrals_patient_id_patients')),
+    sa.ForeignKeyConstraint(['provider_id'], ['providers.id'], name=op.f('fk_referrals_provider_id_providers')),
+    sa.ForeignKeyConstraint(['waitlist_id'], ['waitlist.id'], name=op.f('fk_referrals_waitlist_id_waitlist')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_referrals')),
+    sa.UniqueConstraint('external_id', name=op.f('uq_referrals_external_id'))
+    )
+    with op.batch_alter_table('referrals', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_referrals_appointment_id'), ['appointment_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_referrals_patient_id'), ['patient_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_referrals_status'), ['status'], unique=False)
+
+    op.create_table('waitlist_offers',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('waitlist_id', sa.Integer(), nullable=False),
+    sa.Column('patient_id', sa.Integer(), nullable=False),
+    sa.Column('slot_id', sa.Integer(), nullable=False),
+    sa.Column('start', engine.db.UTCDateTime(), nullable=False),
+    sa.Column('end', engine.db.UTCDateTime(), nullable=False),
+    sa.Column('provider_id', sa.Integer(), nullable=True),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('score', sa.Float(), nullable=False),
+    sa.Column('offered_at', engine.db.UTCDateTime(), nullable=False),
+    sa.Column('expires_at', engine.db.UTCDateTime(), nullable=False),
+    sa.Column('responded_at', engine.db.UTCDateTime(), nullable=True),
+    sa.Column('appointment_id', sa.Integer(), nullable=True),
+    sa.ForeignKeyConstraint(['appointment_id'], ['appointments.id'], name=op.f('fk_waitlist_offers_appointment_id_appointments')),
+    sa.ForeignKeyConstraint(['patient_id'], ['patients.id'], name=op.f('fk_waitlist_offers_patient_id_patients')),
+    sa.ForeignKeyConstraint(['provider_id'], ['providers.id'], name=op.f('fk_waitlist_offers_provider_id_providers')),
+    sa.ForeignKeyConstraint(['slot_id'], ['slots.id'], name=op.f('fk_waitlist_offers_slot_id_slots')),
+    sa.ForeignKeyConstraint(['waitlist_id'], ['waitlist.id'], name=op.f('fk_waitlist_offers_waitlist_id_waitlist')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_waitlist_offers'))
+    )
+    with op.batch_alter_table('waitlist_offers', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_waitlist_offers_slot_id'), ['slot_id'], unique=False)
+        batch_op.create_index('ix_waitlist_offers_status_expires', ['status', 'expires_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_waitlist_offers_waitlist_id'), ['waitlist_id'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('waitlist_offers', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_waitlist_offers_waitlist_id'))
+        batch_op.drop_index('ix_waitlist_offers_status_expires')
+        batch_op.drop_index(batch_op.f('ix_waitlist_offers_slot_id'))
+
+    op.drop_table('waitlist_offers')
+    with op.batch_alter_table('referrals', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_referrals_status'))
+        batch_op.drop_index(batch_op.f('ix_referrals_patient_id'))
+        batch_op.drop_index(batch_op.f('ix_referrals_appointment_id'))
+
+    op.drop_table('referrals')
     with op.batch_alter_table('appointment_slots', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_appointment_slots_slot_id'))
 
@@ -356,8 +450,14 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_reservations_appointment_id'))
 
     op.drop_table('reservations')
+    with op.batch_alter_table('plugin_tasks', schema=None) as batch_op:
+        batch_op.drop_index('ix_plugin_tasks_status_due')
+        batch_op.drop_index(batch_op.f('ix_plugin_tasks_appointment_id'))
+
+    op.drop_table('plugin_tasks')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index('ix_outbox_status_due')
+        batch_op.drop_index(batch_op.f('ix_outbox_appointment_id'))
 
     op.drop_table('outbox')
     with op.batch_alter_table('appointment_resources', schema=None) as batch_op:

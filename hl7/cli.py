@@ -1,0 +1,428 @@
+"""The ``slotengine`` command line.
+
+Every command that reads or writes the schedule takes ``--config FILE``
+(default: the bundled demo configuration) and ``--database URL`` (overrides
+the file); listings take ``--json`` (one JSON object per line).  Errors go to
+stderr with a non-zero exit status, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from sqlalchemy import or_, select
+
+from engine.calendar import to_local
+from engine.errors import SchedulingError
+from engine.models import Appointment, InboundMessage, Location, Patient, PatientIdentifier, Provider
+from engine.requests import Actor, SlotQuery
+from engine.states import HL7_FILLER_STATUS, Status
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed to stderr, exit status 1."""
+
+
+# --- shared plumbing ---------------------------------------------------------------
+
+
+def _load(args) -> "Config":
+    from hl7.config import default_config_path, load_config
+
+    path = Path(args.config) if args.config else default_config_path()
+    config = load_config(path)
+    return config.with_overrides(database_url=getattr(args, "database", None), listen=getattr(args, "listen", None))
+
+
+def _open(args, *, migrate_empty: bool = True):
+    from hl7.daemon import engine_settings, prepare_database
+    from engine.db import make_session_factory
+    from engine.service import Scheduler
+
+    config = _load(args)
+    engine = prepare_database(config.database.url) if migrate_empty else None
+    sessions = make_session_factory(engine)
+    return config, sessions, Scheduler(sessions, settings=engine_settings(config))
+
+
+def _emit(rows: Iterable[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    rows = list(rows)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, default=str, ensure_ascii=False))
+        return
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def _parse_day(text: Optional[str], default: date) -> date:
+    if not text:
+        return default
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"expected a date like 2026-03-02, got {text!r}") from None
+
+
+def _parse_time(text: Optional[str]) -> Optional[time]:
+    if not text:
+        return None
+    try:
+        return time.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"expected a time like 08:30, got {text!r}") from None
+
+
+def _zones(session) -> dict[int, str]:
+    return {loc.id: loc.timezone for loc in session.scalars(select(Location))}
+
+
+def appointment_record(appointment: Appointment, tz: str, codes: dict[int, str]) -> dict[str, Any]:
+    local_start = to_local(appointment.start, tz)
+    return {
+        "id": appointment.id,
+        "placer_id": appointment.placer_id,
+        "filler_id": appointment.filler_id,
+        "status": appointment.status,
+        "hl7_status": HL7_FILLER_STATUS.get(Status(appointment.status), ""),
+        "type": appointment.appointment_type,
+        "start": appointment.start.isoformat(),
+        "end": appointment.end.isoformat(),
+        "local_start": local_start.isoformat(),
+        "timezone": tz,
+        "provider": codes.get(appointment.provider_id, ""),
+        "patient_id": appointment.patient_id,
+        "conflict": appointment.conflict,
+        "review": appointment.review_reason,
+    }
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from hl7.daemon import run
+
+    return run(_load(args))
+
+
+def cmd_check_config(args) -> int:
+    config = _load(args)
+    from sqlalchemy.engine import make_url
+
+    database = make_url(config.database.url).render_as_string(hide_password=True)
+    print(f"{config.source}: OK ({len(config.feeds)} feed(s), database {database})")
+    return 0
+
+
+def cmd_db_upgrade(args) -> int:
+    from engine.db import make_engine
+    from engine.schema import current_revision, head_revision, upgrade
+
+    config = _load(args)
+    engine = make_engine(config.database.url)
+    before = current_revision(engine)
+    upgrade(engine)
+    print(f"schema {before or '(empty)'} -> {head_revision()}")
+    return 0
+
+
+def cmd_slots_find(args) -> int:
+    config, sessions, scheduler = _open(args)
+    with sessions() as session:
+        provider_id = None
+        if args.provider:
+            provider_id = session.scalar(select(Provider.id).where(Provider.code == args.provider))
+            if provider_id is None:
+                raise CliError(f"unknown provider {args.provider!r}")
+        patient_id = None
+        if args.patient:
+            patient_id = _patient_id(session, args.patient)
+        zones = _zones(session)
+        codes = dict(session.execute(select(Provider.id, Provider.code)).all())
+    now = scheduler.clock.now()
+    first = _parse_day(args.date_from, now.date())
+    start = max(now, datetime.combine(first, time(0), tzinfo=timezone.utc))
+    query = SlotQuery(
+        appointment_type=args.type, start=start, end=start + timedelta(days=args.days),
+        duration_minutes=args.duration, provider_id=provider_id, specialty=args.specialty,
+        patient_id=patient_id, urgency=args.urgency, provider_gender=args.gender, language=args.language,
+        earliest=_parse_time(args.earliest), latest=_parse_time(args.latest), limit=args.limit,
+    )
+    candidates = scheduler.free_slots(query)
+    rows = []
+    for c in candidates:
+        tz = zones.get(c.location_id, config.clinic.timezone)
+        row = c.as_dict()
+        row.update(provider=codes.get(c.provider_id, ""), local_start=to_local(c.start, tz).isoformat(), timezone=tz)
+        rows.append(row)
+    _emit(rows, args.json, ["slot_id", "local_start", "provider", "slot_type", "seats_left"])
+    return 0
+
+
+def _patient_id(session, identifier: str) -> int:
+    if identifier.isdigit() and session.get(Patient, int(identifier)) is not None and not session.scalar(
+        select(PatientIdentifier.patient_id).where(PatientIdentifier.value == identifier)
+    ):
+        return int(identifier)
+    rows = list(session.scalars(select(PatientIdentifier.patient_id).where(PatientIdentifier.value == identifier)))
+    if not rows:
+        raise CliError(f"no patient with identifier {identifier!r}")
+    if len(set(rows)) > 1:
+        raise CliError(f"identifier {identifier!r} names {len(set(rows))} patients; give AUTHORITY:VALUE")
+    patient = session.get(Patient, rows[0])
+    while patient.merged_into_id:
+        patient = session.get(Patient, patient.merged_into_id)
+    return patient.id
+
+
+def cmd_appointments_list(args) -> int:
+    config, sessions, _scheduler = _open(args)
+    with sessions() as session:
+        stmt = select(Appointment).order_by(Appointment.start, Appointment.id)
+        if args.date_from:
+            stmt = stmt.where(Appointment.start >= datetime.combine(_parse_day(args.date_from, date.today()), time(0), tzinfo=timezone.utc))
+        if args.date_to:
+            stmt = stmt.where(Appointment.start < datetime.combine(_parse_day(args.date_to, date.today()) + timedelta(days=1), time(0), tzinfo=timezone.utc))
+        if args.status:
+            stmt = stmt.where(Appointment.status == args.status)
+        if args.provider:
+            stmt = stmt.join(Provider, Provider.id == Appointment.provider_id).where(Provider.code == args.provider)
+        if args.patient:
+            stmt = stmt.where(Appointment.patient_id == _patient_id(session, args.patient))
+        if args.conflicts:
+            stmt = stmt.where(Appointment.conflict != "")
+        zones = _zones(session)
+        codes = dict(session.execute(select(Provider.id, Provider.code)).all())
+        rows = [appointment_record(a, zones.get(a.location_id, config.clinic.timezone), codes)
+                for a in session.scalars(stmt.limit(args.limit))]
+    _emit(rows, args.json, ["id", "filler_id", "status", "type", "local_start", "provider", "patient_id"])
+    return 0
+
+
+def cmd_patients_show(args) -> int:
+    _config, sessions, _scheduler = _open(args)
+    with sessions() as session:
+        patient = session.get(Patient, _patient_id(session, args.identifier))
+        record = {
+            "id": patient.id,
+            "identifiers": [{"value": i.value, "authority": i.authority, "type": i.type_code} for i in patient.identifiers],
+            "family_name": patient.family_name, "given_name": patient.given_name,
+            "birth_date": patient.birth_date.isoformat() if patient.birth_date else None,
+            "sex": patient.sex, "language": patient.language, "email": patient.email, "phones": patient.phones,
+            "address": patient.address, "needs_interpreter": patient.needs_interpreter, "mobility": patient.mobility,
+            "coverage": [{"payer": c.payer_id, "plan": c.plan_id, "member_id": c.member_id,
+                          "effective": c.effective_date, "expiry": c.expiry_date,
+                          "verification": c.verification_status} for c in patient.coverages],
+        }
+    if args.json:
+        print(json.dumps(record, default=str, ensure_ascii=False))
+    else:
+        for key, value in record.items():
+            print(f"{key:18} {value}")
+    return 0
+
+
+def cmd_messages_list(args) -> int:
+    _config, sessions, _scheduler = _open(args)
+    with sessions() as session:
+        stmt = select(InboundMessage).order_by(InboundMessage.id.desc())
+        if args.status:
+            stmt = stmt.where(InboundMessage.status == args.status)
+        if args.sender:
+            stmt = stmt.where(InboundMessage.sender == args.sender)
+        if args.type:
+            stmt = stmt.where(or_(InboundMessage.message_type == args.type,
+                                  InboundMessage.message_type.startswith(args.type + "^")))
+        if args.since:
+            stmt = stmt.where(InboundMessage.received_at >= datetime.fromisoformat(args.since).astimezone(timezone.utc))
+        rows = [{"id": m.id, "feed": m.feed, "sender": m.sender, "control_id": m.control_id, "type": m.message_type,
+                 "status": m.status, "received_at": m.received_at.isoformat(), "error": m.error}
+                for m in session.scalars(stmt.limit(args.limit))]
+    _emit(rows, args.json, ["id", "feed", "sender", "control_id", "type", "status", "received_at", "error"])
+    return 0
+
+
+def cmd_messages_show(args) -> int:
+    _config, sessions, _scheduler = _open(args)
+    with sessions() as session:
+        m = session.get(InboundMessage, args.id)
+        if m is None:
+            raise CliError(f"no stored message {args.id}")
+        record = {"id": m.id, "feed": m.feed, "sender": m.sender, "control_id": m.control_id,
+                  "type": m.message_type, "peer": m.peer, "status": m.status, "attempts": m.attempts,
+                  "received_at": m.received_at.isoformat(), "error": m.error,
+                  "raw": m.raw.decode("utf-8", "replace").replace("\r", "\n"),
+                  "ack": (m.ack or b"").decode("utf-8", "replace").replace("\r", "\n")}
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False))
+    else:
+        for key, value in record.items():
+            print(f"{key}:\n{value}" if key in ("raw", "ack") else f"{key:12} {value}")
+    return 0
+
+
+def cmd_messages_replay(args) -> int:
+    from hl7.store import replay
+
+    _config, sessions, scheduler = _open(args)
+    actor = Actor("operator", args.operator, "cli: messages replay")
+    for message_id in args.ids:
+        replay(sessions, message_id, actor, scheduler.clock.now())
+        print(f"message {message_id} queued for replay")
+    return 0
+
+
+def cmd_plugins_list(args) -> int:
+    from engine.plugin_host import PluginHost
+
+    config = _load(args)
+    host = PluginHost(disabled=config.plugins.disabled)
+    rows = [{"name": p.name, "origin": p.origin, "module": p.module, "hooks": ", ".join(p.hooks)} for p in host.plugins()]
+    for name in sorted(config.plugins.disabled):
+        rows.append({"name": name, "origin": "disabled by configuration", "module": "", "hooks": ""})
+    _emit(rows, args.json, ["name", "origin", "module", "hooks"])
+    return 0
+
+
+def cmd_jobs_list(args) -> int:
+    from engine.jobs import job_table
+    from engine.plugin_host import PluginHost
+
+    config, sessions, _scheduler = _open(args)
+    rows = job_table(sessions, PluginHost(disabled=config.plugins.disabled))
+    _emit(rows, args.json, ["id", "every_seconds", "last_started_at", "last_outcome", "runs"])
+    return 0
+
+
+def cmd_send(args) -> int:
+    from hl7.client import send_files
+
+    return send_files(args)
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slotengine", description="Scheduling engine with an HL7 v2 interface")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def schedule_command(sub, name: str, help_text: str, handler, *, listing: bool = False):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE", help="configuration file (default: bundled demo)")
+        p.add_argument("--database", metavar="URL", help="database URL (overrides the configuration)")
+        if listing:
+            p.add_argument("--json", action="store_true", help="one JSON object per record")
+        p.set_defaults(handler=handler)
+        return p
+
+    serve = schedule_command(commands, "serve", "run the daemon in the foreground", cmd_serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="MLLP address (overrides the first feed)")
+    schedule_command(commands, "check-config", "validate the configuration and exit", cmd_check_config)
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    schedule_command(db, "upgrade", "apply schema migrations", cmd_db_upgrade)
+
+    slots = commands.add_parser("slots", help="free slots").add_subparsers(dest="slots_command", required=True)
+    find = schedule_command(slots, "find", "find free slots", cmd_slots_find, listing=True)
+    find.add_argument("--type", default="general", help="appointment type (new_patient, follow_up, procedure, …)")
+    find.add_argument("--provider", help="provider code")
+    find.add_argument("--specialty")
+    find.add_argument("--patient", help="patient identifier (brings the patient's preferences)")
+    find.add_argument("--from", dest="date_from", metavar="DATE")
+    find.add_argument("--days", type=int, default=14)
+    find.add_argument("--duration", type=int, metavar="MINUTES")
+    find.add_argument("--urgency", choices=("routine", "urgent"), default="routine")
+    find.add_argument("--gender", choices=("F", "M", "O", "U"))
+    find.add_argument("--language")
+    find.add_argument("--earliest", metavar="HH:MM")
+    find.add_argument("--latest", metavar="HH:MM")
+    find.add_argument("--limit", type=int, default=10)
+
+    appointments = commands.add_parser("appointments", help="appointments").add_subparsers(
+        dest="appointments_command", required=True)
+    listing = schedule_command(appointments, "list", "list appointments", cmd_appointments_list, listing=True)
+    listing.add_argument("--from", dest="date_from", metavar="DATE")
+    listing.add_argument("--to", dest="date_to", metavar="DATE")
+    listing.add_argument("--status", choices=[s.value for s in Status])
+    listing.add_argument("--provider")
+    listing.add_argument("--patient")
+    listing.add_argument("--conflicts", action="store_true", help="only appointments flagged as overlapping")
+    listing.add_argument("--limit", type=int, default=200)
+
+    patients = commands.add_parser("patients", help="patients").add_subparsers(dest="patients_command", required=True)
+    show = schedule_command(patients, "show", "show one patient", cmd_patients_show, listing=True)
+    show.add_argument("identifier", help="an identifier value (MRN…) or the internal id")
+
+    messages = commands.add_parser("messages", help="stored HL7 messages").add_subparsers(
+        dest="messages_command", required=True)
+    mlist = schedule_command(messages, "list", "list stored messages", cmd_messages_list, listing=True)
+    mlist.add_argument("--status", choices=("received", "applied", "skipped", "parked", "refused"))
+    mlist.add_argument("--sender", metavar="APP^FACILITY")
+    mlist.add_argument("--type", metavar="SIU^S12")
+    mlist.add_argument("--since", metavar="ISO-TIME")
+    mlist.add_argument("--limit", type=int, default=100)
+    mshow = schedule_command(messages, "show", "show one stored message", cmd_messages_show, listing=True)
+    mshow.add_argument("id", type=int)
+    replay = schedule_command(messages, "replay", "apply parked messages again", cmd_messages_replay)
+    replay.add_argument("ids", type=int, nargs="+")
+    replay.add_argument("--operator", default="cli", help="who is replaying (recorded in the audit trail)")
+
+    plugins = commands.add_parser("plugins", help="plugins").add_subparsers(dest="plugins_command", required=True)
+    plist = plugins.add_parser("list", help="list plugins and their hooks")
+    plist.add_argument("--config", metavar="FILE")
+    plist.add_argument("--json", action="store_true")
+    plist.set_defaults(handler=cmd_plugins_list)
+
+    jobs = commands.add_parser("jobs", help="timed jobs").add_subparsers(dest="jobs_command", required=True)
+    schedule_command(jobs, "list", "list timed jobs and their last outcome", cmd_jobs_list, listing=True)
+
+    send = commands.add_parser("send", help="send HL7 files over MLLP and check each ACK")
+    send.add_argument("files", nargs="+", metavar="FILE")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=2575)
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("--tls", action="store_true")
+    send.add_argument("--ca", metavar="FILE", help="CA bundle to verify the server")
+    send.add_argument("--cert", metavar="FILE", help="client certificate (mutual TLS)")
+    send.add_argument("--key", metavar="FILE")
+    send.add_argument("--json", action="store_true")
+    send.set_defaults(handler=cmd_send)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from hl7.config import ConfigError
+    from hl7.daemon import StartupError
+    from engine.plugin_host import PluginError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"slotengine: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CliError, StartupError, PluginError, SchedulingError) as exc:
+        print(f"slotengine: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

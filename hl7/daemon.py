@@ -1,0 +1,226 @@
+"""``slotengine serve``: the whole daemon in one asyncio program.
+
+start-up → serve until SIGTERM/SIGINT → drain → exit 0.  The shape follows
+uvicorn's ``Server.serve``: signal handlers first, then everything that can
+fail (configuration, schema, plugins, sockets) before "ready", then a main
+loop that only waits, then an orderly shutdown.  A second SIGTERM forces the
+exit.  SIGHUP reloads what can change without dropping connections: log
+level, plugin settings, TLS certificates.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+from prometheus_client import generate_latest
+from sqlalchemy import func, select, text
+
+from engine.clinic import load_clinic
+from engine.clock import SystemClock
+from engine.db import make_engine, make_session_factory
+from engine.jobs import build_job_scheduler, make_context
+from engine.metrics import Metrics
+from engine.models import InboundMessage
+from engine.plugin_host import PluginHost
+from engine.schema import SchemaOutOfDate, current_revision, ensure_current, upgrade
+from engine.service import EngineSettings, Scheduler
+from hl7.config import Config, load_config
+from hl7.httpd import HttpEndpoint
+from hl7.listener import Listener, OutcomeWaiters, feed_runtime
+from hl7.logs import configure_logging, set_level
+from hl7.processor import FeedPolicy, Processor
+from hl7.store import RECEIVED, GroupCommitter, MessageStore
+
+log = logging.getLogger("slotengine.daemon")
+
+
+class StartupError(Exception):
+    """Start-up cannot continue; the message says why and what to do."""
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    clinic = config.clinic
+    return EngineSettings(
+        emergency_release=timedelta(minutes=clinic.emergency_release_minutes),
+        no_show_grace=timedelta(minutes=clinic.no_show_grace_minutes),
+        hold_duration=timedelta(minutes=clinic.hold_minutes),
+        default_timezone=clinic.timezone,
+    )
+
+
+def prepare_database(url: str, pool_size: int = 5):
+    """Open the database; create the schema in an empty one, refuse an old one."""
+    engine = make_engine(url, pool_size=pool_size)
+    try:
+        if current_revision(engine) is None:
+            with engine.connect() as connection:
+                has_tables = engine.dialect.has_table(connection, "appointments")
+            if has_tables:
+                raise SchemaOutOfDate(None, "head")
+            upgrade(engine)
+        ensure_current(engine)
+    except SchemaOutOfDate as exc:
+        engine.dispose()
+        raise StartupError(str(exc)) from None
+    except StartupError:
+        raise
+    except Exception as exc:
+        engine.dispose()
+        raise StartupError(f"cannot open the database: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    return engine
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.metrics = Metrics()
+        self.clock = SystemClock()
+        self.listeners: list[Listener] = []
+        self.stopping = asyncio.Event()
+        self.forced = False
+        self.started_at = time.monotonic()
+
+    # --- start-up ----------------------------------------------------------------
+
+    def _start_engine(self) -> None:
+        config = self.config
+        self.engine = prepare_database(config.database.url, config.database.pool_size)
+        self.sessions = make_session_factory(self.engine)
+        if config.clinic.data:
+            with self.sessions() as session, session.begin():
+                counts = load_clinic(session, Path(config.clinic.data))
+            log.info("clinic data loaded", extra=counts)
+        self.plugins = PluginHost(disabled=config.plugins.disabled, metrics=self.metrics)
+        self.scheduler = Scheduler(self.sessions, plugins=self.plugins, clock=self.clock,
+                                   settings=engine_settings(config))
+        self.context = make_context(self.scheduler, plugin_settings=config.plugins.settings, metrics=self.metrics)
+        self.store = MessageStore(self.sessions, self.metrics)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._start_engine)
+        self.committer = GroupCommitter(self.store)
+        self.committer.start()
+        self.waiters = OutcomeWaiters(loop)
+        policies = {feed.name: FeedPolicy(feed.mode, feed.on_error, feed.ack_when) for feed in self.config.feeds}
+        self.processor = Processor(self.scheduler, self.store, policies, self.metrics,
+                                   on_outcomes=self.waiters.resolve_threadsafe)
+        self.processor.start()
+        for feed in self.config.feeds:
+            listener = Listener(feed_runtime(feed), self.committer, self.store, self.waiters, self.metrics, self.clock)
+            await listener.start()
+            self.listeners.append(listener)
+        http = self.config.http
+        token = http.read_token()
+        self.http = HttpEndpoint(http.listen.host, http.listen.port, token=token.decode() if token else None, health=self.health,
+                                 metrics=lambda: generate_latest(self.metrics.registry))
+        for method, path, handler, _plugin in self.plugins.http_routes():
+            self.http.add_route(method, path, handler)
+        await self.http.start()
+        self.jobs = build_job_scheduler(self.context, self.plugins)
+        self.jobs.start()
+        log.info("ready", extra={"feeds": [f"{l.feed.name}@{l.feed.listen.host}:{l.bound_port}" for l in self.listeners],
+                                 "http": str(http.listen)})
+
+    # --- health ------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict]:
+        detail: dict[str, Any] = {"listeners": {l.feed.name: l.server is not None and l.server.is_serving()
+                                                for l in self.listeners}}
+        try:
+            with self.sessions() as session:
+                session.execute(text("SELECT 1"))
+                depth = session.scalar(select(func.count()).select_from(InboundMessage)
+                                       .where(InboundMessage.status == RECEIVED))
+            detail["database"] = "ok"
+            detail["queue_depth"] = depth
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            detail["database"] = f"unavailable: {type(exc).__name__}"
+        storage_ok = self.store.last_failure is None
+        detail["storage"] = "ok" if storage_ok else f"failing: {self.store.last_failure}"
+        if self.processor.last_error:
+            detail["processing"] = f"failing: {self.processor.last_error}"
+        ok = detail["database"] == "ok" and storage_ok and all(detail["listeners"].values())
+        detail["status"] = "ready" if ok else "unavailable"
+        return ok, detail
+
+    # --- signals -----------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+
+    def _on_stop_signal(self) -> None:
+        if self.stopping.is_set():
+            self.forced = True
+            log.warning("second stop signal: exiting now")
+            raise SystemExit(1)
+        log.info("stop requested; draining")
+        self.stopping.set()
+
+    async def reload(self) -> None:
+        """SIGHUP: log level, plugin settings and TLS certificates, in place."""
+        try:
+            fresh = load_config(Path(self.config.source))
+        except Exception as exc:  # noqa: BLE001 - keep running on the old configuration
+            log.error("reload refused; configuration unchanged", extra={"error": str(exc)[:2000]})
+            return
+        set_level(fresh.logging.level)
+        try:
+            self.plugins.configure(fresh.plugins.settings, self.context)
+        except Exception as exc:  # noqa: BLE001
+            log.error("plugin settings not reloaded", extra={"error": str(exc)[:500]})
+        by_name = {feed.name: feed for feed in fresh.feeds}
+        for listener in self.listeners:
+            feed = by_name.get(listener.feed.name)
+            if feed is None or listener.runtime.ssl_context is None or feed.tls is None:
+                continue
+            try:
+                listener.runtime.ssl_context.load_cert_chain(str(feed.tls.cert), str(feed.tls.key) if feed.tls.key else None)
+                if feed.tls.client_ca:
+                    listener.runtime.ssl_context.load_verify_locations(cafile=str(feed.tls.client_ca))
+            except Exception as exc:  # noqa: BLE001
+                log.error("TLS certificates not reloaded", extra={"feed": feed.name, "error": str(exc)[:300]})
+        log.info("configuration reloaded")
+
+    # --- shutdown ----------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        grace = self.config.shutdown.grace_seconds
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        await asyncio.gather(*(l.close_connections(grace) for l in self.listeners))
+        await self.http.stop()
+        try:
+            self.jobs.shutdown(wait=False)
+        except Exception:  # noqa: BLE001 - not started
+            pass
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.processor.stop, grace)
+        await self.committer.stop()
+        self.engine.dispose()
+        log.info("stopped")
+
+
+async def serve(config: Config) -> int:
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    try:
+        await daemon.start()
+    except StartupError:
+        raise
+    await daemon.stopping.wait()
+    await daemon.shutdown()
+    return 0
+
+
+def run(config: Config) -> int:
+    configure_logging(config.logging.level, redaction_key=config.logging.read_redaction_key())
+    return asyncio.run(serve(config))

@@ -1,0 +1,330 @@
+"""The MLLP listener: one asyncio server per feed.
+
+A connection reads frames, and for each message: parse the header, check the
+sender, store (group commit), then acknowledge.  Nothing a peer sends can
+raise out of a connection handler; a bad connection is closed, the others
+never notice.  Memory per connection is bounded by the feed's maximum
+message size.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.clock import Clock
+from engine.metrics import Metrics
+from hl7.ack import ErrorDetail, build_ack, new_control_id
+from hl7.config import FeedConfig
+from hl7.framing import MLLPDecoder, Oversize, frame
+from hl7.mapping import is_supported
+from hl7.message import HL7ParseError, Message, check_header, parse
+from hl7.store import (
+    RECEIVED,
+    REFUSED,
+    SKIPPED,
+    GroupCommitter,
+    Incoming,
+    MessageStore,
+    StorageUnavailable,
+    content_hash,
+)
+
+log = logging.getLogger("slotengine.listener")
+
+READ_CHUNK = 64 * 1024
+WRITE_TIMEOUT = 30.0
+OUTCOME_TIMEOUT = 60.0
+
+
+@dataclass
+class FeedRuntime:
+    """What a feed's connections share; its TLS context is reloaded in place (SIGHUP)."""
+
+    config: FeedConfig
+    ssl_context: Optional[ssl.SSLContext]
+
+
+def build_ssl_context(feed: FeedConfig) -> Optional[ssl.SSLContext]:
+    if feed.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(feed.tls.cert), str(feed.tls.key) if feed.tls.key else None)
+    if feed.tls.client_ca:
+        context.load_verify_locations(cafile=str(feed.tls.client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def feed_runtime(feed: FeedConfig) -> FeedRuntime:
+    return FeedRuntime(feed, build_ssl_context(feed))
+
+
+class OutcomeWaiters:
+    """Connections waiting for a message to be applied (ack_when = "applied",
+    enhanced-mode application ACKs).  Resolved by the processor's callback,
+    with a database poll as the fallback (another node may apply it)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._futures: dict[int, asyncio.Future] = {}
+
+    def wait(self, message_id: int) -> asyncio.Future:
+        future = self._futures.get(message_id)
+        if future is None or future.done():
+            future = self.loop.create_future()
+            self._futures[message_id] = future
+        return future
+
+    def resolve_threadsafe(self, outcomes) -> None:
+        self.loop.call_soon_threadsafe(self._resolve, outcomes)
+
+    def _resolve(self, outcomes) -> None:
+        for outcome in outcomes:
+            future = self._futures.pop(outcome.message_id, None)
+            if future is not None and not future.done():
+                future.set_result(outcome)
+
+
+class Listener:
+    def __init__(self, runtime: FeedRuntime, committer: GroupCommitter, store: MessageStore,
+                 waiters: OutcomeWaiters, metrics: Metrics, clock: Clock):
+        self.runtime = runtime
+        self.committer = committer
+        self.store = store
+        self.waiters = waiters
+        self.metrics = metrics
+        self.clock = clock
+        self.server: Optional[asyncio.base_events.Server] = None
+        self.connections: set[asyncio.Task] = set()
+        self.accepting = True
+
+    @property
+    def feed(self) -> FeedConfig:
+        return self.runtime.config
+
+    async def start(self) -> None:
+        host, port = self.feed.listen.host, self.feed.listen.port
+        self.server = await asyncio.start_server(
+            self._on_connection, host, port, ssl=self.runtime.ssl_context, limit=READ_CHUNK,
+            reuse_address=True,
+        )
+        log.info("listening", extra={"feed": self.feed.name, "listen": f"{host}:{port}",
+                                     "tls": self.runtime.ssl_context is not None})
+
+    @property
+    def bound_port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop_accepting(self) -> None:
+        self.accepting = False
+        if self.server:
+            self.server.close()
+
+    async def close_connections(self, grace: float) -> None:
+        if self.connections:
+            _done, pending = await asyncio.wait(self.connections, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- one connection ----------------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.connections.add(task)
+        peer = writer.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            if not (peer and self.feed.allows_peer(peer[0].split("%")[0])):
+                log.warning("connection refused: peer not in allowed_peers",
+                            extra={"feed": self.feed.name, "peer": peer_text})
+                return
+            await self._serve(reader, writer, peer_text)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
+            log.info("connection ended", extra={"feed": self.feed.name, "peer": peer_text,
+                                                "reason": type(exc).__name__})
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - one connection's bug never reaches the others
+            log.error("connection failed", exc_info=True, extra={"feed": self.feed.name, "peer": peer_text})
+        finally:
+            self.connections.discard(task)
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except Exception:  # noqa: BLE001 - the peer is gone either way
+                pass
+
+    async def _serve(self, reader, writer, peer: str) -> None:
+        decoder = MLLPDecoder(self.feed.max_message_bytes)
+        write_lock = asyncio.Lock()
+        while self.accepting or decoder.has_partial:
+            data = await asyncio.wait_for(reader.read(READ_CHUNK), self.feed.idle_timeout_seconds)
+            if not data:
+                return
+            discarded = decoder.discarded_bytes
+            for item in decoder.feed(data):
+                if isinstance(item, Oversize):
+                    await self._send(writer, write_lock, self._refuse_oversize(item))
+                    continue
+                reply = await self._receive(item, peer, writer, write_lock)
+                if reply is not None:
+                    await self._send(writer, write_lock, reply)
+            if decoder.discarded_bytes != discarded:
+                log.warning("bytes outside an MLLP frame discarded",
+                            extra={"feed": self.feed.name, "peer": peer,
+                                   "bytes": decoder.discarded_bytes - discarded})
+
+    async def _send(self, writer, lock: asyncio.Lock, message: bytes) -> None:
+        async with lock:
+            writer.write(frame(message))
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+    def _refuse_oversize(self, event: Oversize) -> bytes:
+        log.warning("message over max_message_bytes refused", extra={"feed": self.feed.name, "bytes": event.size})
+        detail = ErrorDetail("MSH", 1, 0, 0, "207", "E",
+                             f"message exceeds this feed's limit of {self.feed.max_message_bytes} bytes")
+        self.metrics.messages_acked.labels(self.feed.name, "AR").inc()
+        return build_ack(None, "AR", [detail], control_id=new_control_id(), now=self.clock.now(),
+                         raw_header=event.head)
+
+    # --- one message -------------------------------------------------------------
+
+    async def _receive(self, raw: bytes, peer: str, writer, write_lock) -> Optional[bytes]:
+        started = time.perf_counter()
+        feed = self.feed
+        self.metrics.messages_received.labels(feed.name).inc()
+        now = self.clock.now()
+        message: Optional[Message] = None
+        problems: list[ErrorDetail] = []
+        try:
+            message = parse(raw)
+            problems = [p for p in check_header(message) if p.severity == "E"]
+        except HL7ParseError as exc:
+            problems = [exc.detail]
+        sender = f"{message.sending_application}^{message.sending_facility}" if message else "?^?"
+        control_id = message.control_id if message and message.control_id else ""
+        if not problems and not feed.allows_sender(message.sending_application, message.sending_facility):
+            problems = [ErrorDetail("MSH", 1, 3, 0, "207", "E",
+                                    f"sending application/facility {sender} is not allowed on feed {feed.name}")]
+        status = RECEIVED
+        if not problems and not is_supported(message.message_type, message.trigger_event, feed.mode):
+            if feed.unknown_types == "reject":
+                code = "200" if not is_supported(message.message_type, "", feed.mode) else "201"
+                problems = [ErrorDetail("MSH", 1, 9, 1 if code == "200" else 2, code, "E",
+                                        f"{message.message_type}^{message.trigger_event} is not handled by feed {feed.name}")]
+            else:
+                status = SKIPPED
+        enhanced = bool(message and message.enhanced_mode)
+        if problems:
+            ack = build_ack(message, "CR" if enhanced else "AR", problems, control_id=new_control_id(), now=now,
+                            raw_header=raw[:512])
+            if control_id:  # keep refused messages for the record; without MSH-10 there is no key
+                await self._store(Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw, REFUSED, ack),
+                                  quiet=True)
+            return self._acknowledged(ack, "CR" if enhanced else "AR", started)
+        immediate = feed.ack_when == "stored" or enhanced or status == SKIPPED
+        code = ("CA" if enhanced else "AA")
+        ack = build_ack(message, code, [], control_id=new_control_id(), now=now) if immediate else None
+        incoming = Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw, status, ack,
+                            content_hash(raw, message.delimiters.field.encode()))
+        if status == SKIPPED and enhanced:
+            incoming.application_ack = build_ack(message, "AA", [], "not applicable on this feed; stored",
+                                                 control_id=new_control_id(), now=now)
+        try:
+            stored = await self._store(incoming)
+        except StorageUnavailable as exc:
+            detail = ErrorDetail("MSH", 1, 10, 0, "207", "E", f"message not stored ({exc}); resend later")
+            nak = build_ack(message, "CR" if enhanced else "AR", [detail], control_id=new_control_id(), now=now)
+            return self._acknowledged(nak, "CR" if enhanced else "AR", started)
+        if stored.reused_control_id:
+            log.warning("control id reused for a different message; refused",
+                        extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})
+            detail = ErrorDetail("MSH", 1, 10, 0, "205", "E",
+                                 f"control id {control_id} was already used by {sender} for a different message "
+                                 f"(stored as {stored.message_id}); give this message its own MSH-10")
+            nak = build_ack(message, "CR" if enhanced else "AR", [detail], control_id=new_control_id(), now=now)
+            return self._acknowledged(nak, "CR" if enhanced else "AR", started)
+        if stored.duplicate:
+            log.info("duplicate message; original acknowledgement resent",
+                     extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})
+        if enhanced:
+            # MLLP release 2: the commit acknowledgement is always sent, whatever
+            # MSH-15 says, because the sender blocks until it arrives; MSH-16
+            # decides whether the application acknowledgement follows.
+            self._schedule_application_ack(message, stored.message_id, writer, write_lock)
+        if stored.ack is not None:
+            return self._acknowledged(stored.ack, _code_of(stored.ack, code), started)
+        # ack_when = "applied": answer once the processor has decided.
+        ack = await self._application_ack(stored.message_id)
+        return self._acknowledged(ack, _code_of(ack, "AA"), started)
+
+    def _acknowledged(self, ack: Optional[bytes], code: str, started: float) -> Optional[bytes]:
+        self.metrics.messages_acked.labels(self.feed.name, code).inc()
+        self.metrics.ack_seconds.labels(self.feed.name).observe(time.perf_counter() - started)
+        return ack
+
+    async def _store(self, incoming: Incoming, *, quiet: bool = False):
+        try:
+            return await self.committer.submit(incoming)
+        except StorageUnavailable:
+            if quiet:
+                return None
+            raise
+
+    async def _application_ack(self, message_id: int) -> bytes:
+        """The reply the processor stored once it applied (or parked) the message."""
+        future = self.waiters.wait(message_id)
+        deadline = time.monotonic() + OUTCOME_TIMEOUT
+        while True:
+            _status, _ack, reply, _error = self.store.outcome(message_id)
+            if reply is not None:
+                return reply
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"message {message_id} not applied within {OUTCOME_TIMEOUT:.0f} s")
+            try:
+                outcome = await asyncio.wait_for(asyncio.shield(future), 0.5)
+            except TimeoutError:
+                continue  # another node may have applied it: look in the database again
+            if outcome.reply is not None:
+                return outcome.reply
+
+    def _schedule_application_ack(self, message: Message, message_id: int, writer, write_lock) -> None:
+        wanted = message.application_ack_type.upper() or "AL"
+        if wanted == "NE":
+            return
+
+        async def send_later():
+            try:
+                ack = await self._application_ack(message_id)
+                code = _code_of(ack, "AA")
+                if wanted == "AL" or (wanted == "ER" and code != "AA") or (wanted == "SU" and code == "AA"):
+                    await self._send(writer, write_lock, ack)
+            except Exception:  # noqa: BLE001 - the ACK is stored; the peer may be gone
+                log.info("application acknowledgement not delivered",
+                         extra={"feed": self.feed.name, "message_id": message_id})
+
+        task = asyncio.get_running_loop().create_task(send_later())
+        self.connections.add(task)
+        task.add_done_callback(self.connections.discard)
+
+
+def _type_of(message: Optional[Message]) -> str:
+    if message is None:
+        return ""
+    return f"{message.message_type}^{message.trigger_event}".strip("^")
+
+
+def _code_of(ack: bytes, default: str) -> str:
+    for segment in ack.split(b"\r"):
+        if segment.startswith(b"MSA"):
+            parts = segment.split(segment[3:4]) if len(segment) > 3 else []
+            if len(parts) > 1:
+                return parts[1].decode("ascii", "replace")
+    return default

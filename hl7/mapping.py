@@ -1,0 +1,1402 @@
+"""Inbound HL7 v2 messages → engine service calls.
+
+``apply_message(scheduler, message, mode=..., message_id=...)`` reads one
+parsed message (``hl7.message.Message``) and calls the engine's service API
+(``engine.service.Scheduler``) on a scheduler already bound to the caller's
+transaction: every call of one message commits or rolls back together. It
+raises ``MappingError`` (each error names segment, occurrence, field,
+component and an HL7 table 0357 code) when the message cannot be applied;
+engine refusals are converted into ``MappingError`` naming the field that
+caused them. Lenient readings come back as ``ApplyResult.warnings`` (severity
+W in the application ACK). Nothing here logs patient data: logs carry
+control ids and our own numeric ids only, and warning/error texts never echo
+values from PID, PD1, PV1, MRG, IN1 or IN2, nor any date.
+
+Every call is made as ``Actor("message", "<MSH-3>^<MSH-4>",
+source="inbound:<message_id>")``.
+
+What is supported (``is_supported``)
+------------------------------------
+* ADT, any ``Ann`` event, in both modes. Acted on: A01 A03 A04 A05 A08 A11
+  A13 A24 A28 A31 A40. Every other ADT event (A02 transfer, A06/A07 class
+  changes, A12 cancel transfer, A25, A38 cancel pre-admit, A47 identifier
+  change, …) is accepted and returns ``"skipped"`` without touching anything:
+  they describe inpatient movements the schedule does not hold, and the
+  demographics they carry arrive again with A08/A31. (The Essex feeds in the
+  corpus send outpatient bookings as A05/A38 with Z-segments; that local
+  convention is not mapped: A05 updates the patient, A38 is skipped.)
+* SIU in mirror mode: S12–S17, S26, S23, S24. S18–S22 (changes to one
+  service or resource of an appointment) are not supported: they carry a
+  partial resource list that an upsert would misread.
+* Everything else (SRM/SRR/SQM/ORU…, SIU in filler mode for now, ADT^O01)
+  is unsupported; ``apply_message`` returns ``"skipped"`` for it.
+
+ADT
+---
+* PID → ``register_patient`` (create, or update the patient any identifier
+  names): PID-3, every repetition, ``id^^^authority^type`` — authority is
+  CX-4.1, or CX-4.2 (universal id) when .1 is empty; PID-2 / PID-4 only
+  when PID-3 yields none · PID-5 (the first repetition with a name: the
+  primary, legal one) · PID-7 birth date (ISO ``1928-01-01`` tolerated) ·
+  PID-8 sex (table 0001) · PID-11 address (street, line2, city, state, zip,
+  country; home repetition first) · PID-13/14 phones (XTN-1, else XTN-12,
+  else +5 6 7 x8) as ``{"number", "use", "type"}`` — the two fields
+  together are the patient's list, replaced whenever a message carries
+  either — and the e-mail from an XTN with use NET / type Internet / an "@"
+  in component 4 or 1 · PID-15 language (ISO 639-2 codes folded to 639-1;
+  ``needs_interpreter`` when it is not ``CLINIC_LANGUAGE``) · PD1-12
+  protection → ``confidential`` · PV1-15 ambulatory status → ``mobility``. A sender's explicit null ``""`` erases
+  the value (name, phones, e-mail, address, language, mobility); an absent
+  field changes nothing. A patient that would not change is not written
+  (no audit entry, no plugin call), so a resent message changes nothing.
+* IN1 (+ the IN2 after it) → ``record_coverage``: payer = IN1-3.1 (else
+  IN1-2.1, else IN1-4.1), payer name IN1-4, plan IN1-2, group IN1-8,
+  effective/expiry IN1-12/13, priority IN1-22 (else IN1-1, else order),
+  verified at IN1-29, status IN1-45 (else "verified" when IN1-29 is valued),
+  member id IN1-36, else IN1-49.1, else IN2-61.1. IN1-15 (plan type) has
+  no place in ``CoverageRecord`` yet and is not recorded.
+* A04 / A01: the patient's booked appointment on the local day of the event
+  (EVN-2, else PV1-44 — A03/A13: PV1-45, then PV1-44 —, else MSH-7; the
+  day and the times of the appointment's location) nearest to that time →
+  ``arrive``.
+  A03: the patient's arrived / checked-in appointment of that day →
+  ``complete`` (a booked one goes arrived, then completed). A11: arrived /
+  checked-in → booked (``undo_check_in`` / ``undo_arrival``). A13: completed
+  → checked-in (``undo_completion``). The nearest appointment of the day
+  decides, so a repeated event finds its work done and changes nothing; no
+  appointment that day is not an error (walk-ins, inpatients).
+* A40 (and several PID/MRG pairs in one message): MRG-1 (every repetition;
+  MRG-4 for old senders) names the merged patient, the PID before it the
+  survivor. An unknown survivor is created from the PID; an unknown merged
+  patient is a warning (204, MRG-1); a pair already merged changes nothing.
+* A24 (link patients): each PID updates its patient; the link itself is not
+  held by the engine.
+
+SIU (mirror mode: the EHR owns the schedule)
+--------------------------------------------
+* Identity: SCH-1 placer and SCH-2 filler appointment ids (EI: component 1,
+  plus ``^namespace`` — EI-2, else EI-3 — when present); the engine matches
+  on either. A message without SCH is error 100 (SCH^1); without either id
+  101 (SCH^1^1) — except S23/S24, which name time, not an appointment.
+* Times (``hl7.hl7time``): start = TQ1-7, else SCH-11.4 (TQ, old senders),
+  else AIS-4 / AIG-8 / AIL-6 / AIP-6. End = the end paired with the start
+  (TQ1-8 or SCH-11.5), else start + the first duration of TQ1-6, SCH-9/10,
+  SCH-11.3, AIS-7/8, AIG-11/12, AIL-9/10, AIP-9/10 (units: empty = minutes,
+  s/sec, min/m/MIN/MINUTES, h/hr, d; UCUM or ANSI), else 15 minutes with a
+  warning. An explicit end that is not after the start, or more than 24 h
+  after it (TQ ends of a series: hl7v2tofhir sends a year), gives way to
+  the duration with a warning. A DTM with an offset is exact; without one
+  it is wall-clock time at the appointment's location (its time zone; new
+  locations and no location: ``settings.default_timezone``).
+* Status: S15 cancelled, S16 discontinued, S17 deleted, S26 no_show — the
+  trigger decides. S12/S13/S14: SCH-25 (table 0278 plus common synonyms:
+  Pending → held, Waitlist, Booked/Confirmed/Scheduled, Overbook, Started →
+  checked_in, Arrived, Complete, Cancelled, Dc, Noshow, Deleted), else
+  booked (S14: else the current state). SIU never moves a visit backwards
+  (booked < arrived < checked_in < completed: a "Booked" S14 does not undo
+  an A04 arrival; reversals come as A11/A13). A change the state machine
+  does not allow in one step goes through booked/arrived/checked_in when
+  the appointment occupies its time before or after (booked → completed =
+  arrived, completed); one that would have to occupy time only in between
+  (cancelled → discontinued) or leaves a final state (deleted) is error 207.
+* Arrival order: a modification or cancellation for an appointment we do
+  not hold creates it in that state (``record_external_appointment``). An
+  S12 for an appointment we already hold is a repeated or late booking
+  notice: it only fills what we do not know (patient, provider, location)
+  and never moves the appointment or changes its state (warning 205 when it
+  says otherwise) — modifications come as S13/S14. A message that would
+  change nothing writes nothing, so applying one twice changes nothing.
+* Who and where: first AIP (XCN id^family^given) → provider; AIL-3 of the
+  first AIL (else PV1-3) → location (code = PL-1, else the facility PL-4,
+  else the room); every AIL room (PL-2, with the bed PL-3) → a resource of
+  kind room (code ``point of care^room[^bed]``); every AIG-3 → a resource
+  (code = the id, else the text; kind room / person / equipment / other from
+  AIG-4). Resources deleted by RGS-2 or AIx-2 = D are left out. Further
+  AIPs are not recorded (the engine holds one provider per appointment).
+  AIx segments whose field 2 is not an action code but a value (senders
+  that skip AIx-2) are read one position to the left, with a warning.
+* Providers, locations and resources the EHR names that we do not know are
+  created on the fly: in mirror mode the EHR's word is the record, and an
+  appointment must not be refused because the clinic file lags behind the
+  EHR. Code = the EHR's id, names from the XCN/PL/CWE, location time zone
+  = ``settings.default_timezone``, provider gender U. Known ones are used as
+  they are (their names and time zones are never overwritten). A provider
+  without an XCN id is not created (warning): a name alone does not
+  identify a person.
+* Appointment type: codes of SCH-7, SCH-8 and AIS-3 (code, then text) in
+  ``APPOINTMENT_TYPE_CODES``; the first one that names a specific type
+  (new_patient, follow_up, procedure — also a SNOMED CT code whose text ends
+  in "(procedure)") wins; EMERGENCY/URGENT (or TQ1-9 S/A) make it urgent;
+  ROUTINE/CHECKUP/WALKIN/unknown are ``general``. Reason = SCH-7 text and
+  the AIS-3 texts (else the SCH-8 text); notes = every NTE-3, plus SCH-6
+  (event reason) for S15/S16/S17/S26 — ``ExternalAppointment`` has no
+  separate event reason, and its ``reason`` would overwrite the visit's.
+* PID → ``register_patient`` as for ADT; PV1-15 → mobility.
+* S23/S24: every AIP provider, AIG resource and AIL room named gets its
+  time ``block_time``-d (S23; an identical active block is not repeated) or
+  its blocks inside the time ``unblock_time``-d (S24; nothing to open is a
+  warning).
+
+Missing essential data → ``MappingError``: SIU without SCH (100 SCH^1), SCH
+without placer and filler id (101 SCH^1^1), no start anywhere (101 TQ1^1^7,
+or SCH^1^11 when there is no TQ1), a start or end that is not a date/time
+(102 naming it), ADT without PID (100 PID^1), PID without any identifier
+(101 PID^n^3), PID-3 naming two patients we hold separately (205).
+Non-essential dates (birth date, coverage dates, event times) that do not
+parse are dropped with a warning (102).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from typing import Any, Iterator, Optional
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from engine.calendar import zone
+from engine.errors import NotFound, SchedulingError
+from engine.models import Appointment, AppointmentResource, Coverage, Location, Patient, PatientIdentifier, Provider, \
+    Resource, TimeBlock
+from engine.requests import Actor, CoverageRecord, ExternalAppointment, Identifier, PatientRecord
+from engine.service import Scheduler
+from engine.states import OCCUPYING, TRANSITIONS, Status
+from hl7.hl7time import DTMError, HL7DateTime, parse_dtm
+from hl7.message import NULL, ErrorDetail, Message, Segment
+
+__all__ = [
+    "APPOINTMENT_TYPE_CODES",
+    "CLINIC_LANGUAGE",
+    "DEFAULT_DURATION",
+    "ApplyResult",
+    "MappingError",
+    "apply_message",
+    "is_supported",
+]
+
+log = logging.getLogger("slotengine.hl7.mapping")
+
+#: The language the clinic works in: a patient whose PID-15 names another
+#: one needs an interpreter. ISO 639-1; 639-2 codes and names are folded.
+CLINIC_LANGUAGE = "en"
+#: Length of an appointment whose message gives neither an end nor a duration.
+DEFAULT_DURATION = timedelta(minutes=15)
+#: An explicit end further than this from the start is read as the end of a
+#: series (TQ), not of this appointment.
+MAX_DURATION = timedelta(hours=24)
+
+MODES = ("mirror", "filler")
+
+#: ADT events that change something; every other ``Ann`` event is skipped.
+ADT_PATIENT_EVENTS = frozenset({"A01", "A03", "A04", "A05", "A08", "A11", "A13", "A24", "A28", "A31", "A40"})
+SIU_APPOINTMENT_EVENTS = frozenset({"S12", "S13", "S14", "S15", "S16", "S17", "S26"})
+SIU_BLOCK_EVENTS = frozenset({"S23", "S24"})
+
+#: Appointment type codes (SCH-7 table 0276, SCH-8, AIS-3), compared in upper
+#: case with everything but letters and digits removed: (type, urgency);
+#: None for "no opinion".
+APPOINTMENT_TYPE_CODES: dict[str, tuple[Optional[str], Optional[str]]] = {
+    "ROUTINE": ("general", None),
+    "CHECKUP": ("general", None),
+    "WALKIN": ("general", None),
+    "NORMAL": (None, None),
+    "EMERGENCY": ("general", "urgent"),
+    "EMERG": ("general", "urgent"),
+    "URGENT": ("general", "urgent"),
+    "STAT": ("general", "urgent"),
+    "FOLLOWUP": ("follow_up", None),
+    "FU": ("follow_up", None),
+    "FUP": ("follow_up", None),
+    "NEW": ("new_patient", None),
+    "NEWPATIENT": ("new_patient", None),
+    "NEWPT": ("new_patient", None),
+    "NP": ("new_patient", None),
+    "PROCEDURE": ("procedure", None),
+    "PROC": ("procedure", None),
+}
+_SPECIFIC_TYPES = ("new_patient", "follow_up", "procedure")
+
+#: SCH-25 filler status (table 0278 and what senders write instead).
+FILLER_STATUS: dict[str, Status] = {
+    "PENDING": Status.HELD,
+    "WAITLIST": Status.WAITLISTED,
+    "WAITLISTED": Status.WAITLISTED,
+    "BOOKED": Status.BOOKED,
+    "CONFIRMED": Status.BOOKED,
+    "SCHEDULED": Status.BOOKED,
+    "SCHED": Status.BOOKED,
+    "SCH": Status.BOOKED,
+    "OVERBOOK": Status.OVERBOOKED,
+    "OVERBOOKED": Status.OVERBOOKED,
+    "ARRIVED": Status.ARRIVED,
+    "STARTED": Status.CHECKED_IN,
+    "CHECKEDIN": Status.CHECKED_IN,
+    "INROOM": Status.CHECKED_IN,
+    "COMPLETE": Status.COMPLETED,
+    "COMPLETED": Status.COMPLETED,
+    "FULFILLED": Status.COMPLETED,
+    "CANCELLED": Status.CANCELLED,
+    "CANCELED": Status.CANCELLED,
+    "DC": Status.DISCONTINUED,
+    "DISCONTINUED": Status.DISCONTINUED,
+    "NOSHOW": Status.NO_SHOW,
+    "DELETED": Status.DELETED,
+}
+_TRIGGER_STATUS = {"S15": Status.CANCELLED, "S16": Status.DISCONTINUED, "S17": Status.DELETED, "S26": Status.NO_SHOW}
+_EVENT_NAMES = {"S15": "Cancelled", "S16": "Discontinued", "S17": "Deleted", "S26": "No-show"}
+#: The visit moves forward only; SIU never takes it back (ADT A11/A13 do).
+_VISIT_RANK = {Status.BOOKED: 0, Status.OVERBOOKED: 0, Status.ARRIVED: 1, Status.CHECKED_IN: 2, Status.COMPLETED: 3}
+#: States an appointment may pass through on the way to the EHR's state.
+_STEPPING_STONES = (Status.BOOKED, Status.ARRIVED, Status.CHECKED_IN)
+
+_SEX = {"F": "F", "M": "M", "O": "O", "U": "U", "A": "A", "N": "N", "X": "X", "FEMALE": "F", "MALE": "M",
+        "OTHER": "O", "UNKNOWN": "U"}
+#: ISO 639-2 (and a few names) → ISO 639-1, so PID-15 matches providers' languages.
+_LANGUAGES = {
+    "eng": "en", "english": "en", "spa": "es", "spanish": "es", "fra": "fr", "fre": "fr", "french": "fr",
+    "deu": "de", "ger": "de", "german": "de", "nld": "nl", "dut": "nl", "dutch": "nl", "ita": "it", "por": "pt",
+    "ara": "ar", "arabic": "ar", "zho": "zh", "chi": "zh", "kor": "ko", "korean": "ko", "jpn": "ja", "rus": "ru",
+    "vie": "vi", "pol": "pl", "tur": "tr", "hin": "hi", "urd": "ur", "ben": "bn", "pan": "pa", "fas": "fa",
+    "per": "fa", "som": "so", "tgl": "tl", "hat": "ht", "cym": "cy", "wel": "cy",
+}
+_UNITS = {
+    "": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60, "m": 60, "mn": 60, "mi": 60,
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+_TQ_DURATION_RE = re.compile(r"([SMHD]?)(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+_ACTION_CODES = frozenset({"", "A", "D", "U", "X"})
+_ACTOR_NAME_MAX = 100 - len("message:")
+
+
+# --- the interface ------------------------------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    status: str  # "applied" | "skipped"
+    warnings: list[ErrorDetail] = field(default_factory=list)
+    response: bytes | None = None  # reply message (filler mode, later): None for now
+
+
+class MappingError(Exception):
+    """The message cannot be applied; ``errors`` says where and why."""
+
+    def __init__(self, errors: list[ErrorDetail] | ErrorDetail):
+        self.errors: list[ErrorDetail] = [errors] if isinstance(errors, ErrorDetail) else list(errors)
+        super().__init__("; ".join(e.message for e in self.errors))
+
+
+def is_supported(message_type: str, trigger_event: str, mode: str) -> bool:
+    """Whether this mapping knows the message (see the module doc); a known
+    ADT event we do not act on is supported (and skipped)."""
+    message_type = (message_type or "").strip().upper()
+    trigger_event = (trigger_event or "").strip().upper()
+    if mode not in MODES:
+        return False
+    if message_type == "ADT":
+        return re.fullmatch(r"A\d\d", trigger_event) is not None
+    if message_type == "SIU" and mode == "mirror":
+        return trigger_event in SIU_APPOINTMENT_EVENTS or trigger_event in SIU_BLOCK_EVENTS
+    return False
+
+
+def apply_message(scheduler: Scheduler, message: Message, *, mode: str, message_id: int) -> ApplyResult:
+    """Apply one message; see the module doc for what maps where."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    message_type, event = message.message_type.upper(), message.trigger_event.upper()
+    if not is_supported(message_type, event, mode):
+        log.info("message skipped: type not mapped",
+                 extra={"message_id": message_id, "control_id": message.control_id,
+                        "message_type": f"{message_type}^{event}"[:20]})
+        return ApplyResult("skipped", [])
+    ctx = _Context(scheduler, message, event, message_id)
+    try:
+        if message_type == "ADT":
+            status = _apply_adt(ctx)
+        elif event in SIU_BLOCK_EVENTS:
+            status = _apply_blocks(ctx)
+        else:
+            status = _apply_siu(ctx)
+    except SchedulingError as exc:  # not converted where it happened: name the message
+        raise MappingError(_error(207, f"the schedule refused the message: {type(exc).__name__}: {exc}",
+                                  "MSH", 1, 9)) from exc
+    log.info("message %s", status, extra={"message_id": message_id, "control_id": message.control_id,
+                                          "message_type": f"{message_type}^{event}",
+                                          "appointment_id": ctx.appointment_id, "warnings": len(ctx.warnings)})
+    return ApplyResult(status, ctx.warnings)
+
+
+# --- context and small helpers -------------------------------------------------------
+
+
+def _error(code: int, text: str, segment: Optional[str] = None, sequence: Optional[int] = None,
+           field_: Optional[int] = None, component: Optional[int] = None, severity: str = "E") -> ErrorDetail:
+    return ErrorDetail(segment=segment, sequence=sequence, field=field_, component=component, code=str(code),
+                       severity=severity, message=text)
+
+
+class _Context:
+    def __init__(self, scheduler: Scheduler, message: Message, event: str, message_id: int):
+        self.scheduler = scheduler
+        self.message = message
+        self.event = event
+        self.message_id = message_id
+        sender = f"{message.sending_application}^{message.sending_facility}"
+        self.actor = Actor("message", sender[:_ACTOR_NAME_MAX], source=f"inbound:{message_id}")
+        self.warnings: list[ErrorDetail] = []
+        self.default_tz: str = scheduler.settings.default_timezone
+        self.appointment_id: Optional[int] = None
+
+    def where(self, seg: Optional[Segment]) -> tuple[Optional[str], Optional[int]]:
+        if seg is None:
+            return None, None
+        return seg.name, self.message.occurrence(seg)
+
+    def warn(self, code: int, text: str, seg: Optional[Segment] = None, field_: Optional[int] = None,
+             component: Optional[int] = None, *, segment_name: Optional[str] = None) -> None:
+        name, seq = self.where(seg)
+        if seg is None and segment_name:
+            name, seq = segment_name, 1
+        self.warnings.append(_error(code, text, name, seq, field_, component, severity="W"))
+
+    def fail(self, code: int, text: str, seg: Optional[Segment] = None, field_: Optional[int] = None,
+             component: Optional[int] = None, *, segment_name: Optional[str] = None) -> MappingError:
+        name, seq = self.where(seg)
+        if seg is None and segment_name:
+            name, seq = segment_name, 1
+        return MappingError(_error(code, text, name, seq, field_, component))
+
+    @contextmanager
+    def engine_call(self, seg: Optional[Segment], field_: Optional[int] = None, component: Optional[int] = None,
+                    *, segment_name: Optional[str] = None) -> Iterator[None]:
+        """Turn an engine refusal into a MappingError naming the field that caused it."""
+        try:
+            yield
+        except SchedulingError as exc:
+            code = 204 if isinstance(exc, NotFound) else 207
+            raise self.fail(code, f"{type(exc).__name__}: {exc}", seg, field_, component,
+                            segment_name=segment_name) from exc
+
+
+def _val(seg: Optional[Segment], field_: int, component: int = 1, sub: int = 1, rep: int = 1) -> str:
+    """A decoded value, stripped; ``NULL`` when the sender wrote ``""``."""
+    if seg is None:
+        return ""
+    value = seg.value(field_, component, sub, rep)
+    if value is NULL:
+        return NULL
+    return value.replace("\u00ad", "").strip()
+
+
+def _reps(seg: Optional[Segment], field_: int) -> int:
+    return len(seg.repetitions(field_)) if seg is not None else 0
+
+
+def _norm(code: str) -> str:
+    return re.sub(r"[^0-9A-Z]", "", (code or "").upper())
+
+
+def _fit(ctx: _Context, text: str, limit: int, seg: Optional[Segment], field_: int) -> str:
+    if len(text) <= limit:
+        return text
+    ctx.warn(104, f"{seg.name if seg else ''}-{field_} is longer than {limit} characters: shortened", seg, field_)
+    return text[:limit]
+
+
+class _AI:
+    """An AIS/AIG/AIL/AIP segment, read one position to the left when the
+    sender skipped field 2 (segment action code, table 0206)."""
+
+    def __init__(self, ctx: _Context, seg: Segment, deleted_group: bool):
+        self.seg = seg
+        raw2 = seg.field(2).strip()
+        delimiters = ctx.message.delimiters
+        self.shift = 1 if raw2.upper() not in _ACTION_CODES and (delimiters.component in raw2 or len(raw2) > 1) \
+            else 0
+        if self.shift:
+            ctx.warn(102, f"{seg.name}-2 holds a value, not a segment action code: fields read one position "
+                          f"to the left", seg, 2)
+        action = "" if self.shift else raw2.upper()
+        self.deleted = deleted_group or action == "D"
+
+    def value(self, field_: int, component: int = 1, sub: int = 1, rep: int = 1) -> str:
+        if self.shift and field_ <= 2:
+            return ""
+        return _val(self.seg, field_ - self.shift, component, sub, rep)
+
+    def field(self, field_: int) -> int:
+        """The physical position of a logical field (for error locations)."""
+        return field_ - self.shift
+
+
+# --- times ------------------------------------------------------------------------
+
+
+def _dtm(ctx: _Context, seg: Optional[Segment], field_: int, component: int = 1, *, essential: bool,
+         physical: Optional[int] = None) -> Optional[HL7DateTime]:
+    """Parse a DTM; an essential one that does not parse is error 102, any
+    other a warning (and None)."""
+    text = _val(seg, physical or field_, component)
+    if not text:
+        return None
+    try:
+        return parse_dtm(text)
+    except DTMError as exc:
+        comp = component if component != 1 or _has_components(seg, physical or field_) else None
+        label = f"{seg.name}-{field_}" + (f".{component}" if comp else "")
+        if essential:
+            raise ctx.fail(102, f"{label} is not an HL7 date/time: {exc}", seg, physical or field_, comp) from None
+        ctx.warn(102, f"{label} is not an HL7 date/time; ignored", seg, physical or field_, comp)
+        return None
+
+
+def _has_components(seg: Optional[Segment], field_: int) -> bool:
+    return seg is not None and len(seg.components(field_)) > 1
+
+
+def _duration(quantity: str, units: str, units_text: str = "") -> Optional[timedelta]:
+    """A quantity and its units as a positive timedelta, or None."""
+    if not quantity:
+        return None
+    try:
+        amount = float(quantity)
+    except ValueError:
+        return None
+    if not amount > 0 or amount > 1e7:
+        return None
+    factor = _UNITS.get(units.strip().lower())
+    if factor is None and units_text.strip():
+        factor = _UNITS.get(units_text.strip().lower())
+    if factor is None:
+        return None
+    return timedelta(seconds=round(amount * factor))
+
+
+def _tq_duration(text: str) -> Optional[timedelta]:
+    """TQ-3 duration: ``M30``, ``H2``, ``S90``, ``30`` (minutes), ``2 hours``."""
+    match = _TQ_DURATION_RE.fullmatch((text or "").strip())
+    if not match:
+        return None
+    prefix, number, word = match.groups()
+    if prefix and word:
+        return None
+    units = {"S": "s", "M": "min", "H": "h", "D": "d"}.get(prefix, word)
+    return _duration(number, units)
+
+
+# --- patients ---------------------------------------------------------------------
+
+
+def _identifier(ctx: _Context, seg: Segment, field_: int, rep: int) -> Optional[Identifier]:
+    value = _val(seg, field_, 1, 1, rep)
+    if not value:
+        return None
+    authority = _val(seg, field_, 4, 1, rep) or _val(seg, field_, 4, 2, rep) or ""
+    type_code = _val(seg, field_, 5, 1, rep) or ""
+    for text, limit in ((value, 100), (authority, 100), (type_code, 16)):
+        if len(text) > limit:
+            raise ctx.fail(104, f"{seg.name}-{field_} identifier (repetition {rep}) is longer than the "
+                                f"{limit} characters we keep", seg, field_)
+    return Identifier(value, authority, type_code)
+
+
+def _identifiers(ctx: _Context, seg: Segment, fields: tuple[int, ...]) -> list[Identifier]:
+    found: list[Identifier] = []
+    for field_ in fields:
+        for rep in range(1, _reps(seg, field_) + 1):
+            ident = _identifier(ctx, seg, field_, rep)
+            if ident is not None and ident not in found:
+                found.append(ident)
+        if found:
+            break
+    return found
+
+
+def _patient_record(ctx: _Context, pid: Segment, pd1: Optional[Segment], pv1: Optional[Segment]) -> PatientRecord:
+    identifiers = _identifiers(ctx, pid, (3, 2, 4))
+    if not identifiers:
+        raise ctx.fail(101, "PID-3 (patient identifier list) is empty: the patient cannot be identified", pid, 3)
+    record = PatientRecord(identifiers=identifiers)
+    _name(ctx, pid, record)
+    birth = _dtm(ctx, pid, 7, essential=False)
+    if birth is not None:
+        record.birth_date = birth.date()
+    sex = _val(pid, 8)
+    if sex is NULL:
+        record.sex = "U"
+    elif sex:
+        mapped = _SEX.get(_norm(sex))
+        if mapped is None:
+            ctx.warn(103, "PID-8 administrative sex is not an HL7 table 0001 value; not recorded", pid, 8)
+        record.sex = mapped
+    _address(ctx, pid, record)
+    _phones(ctx, pid, record)
+    _language(pid, record)
+    if pd1 is not None:
+        protection = _val(pd1, 12)
+        if protection is NULL:
+            record.confidential = False
+        elif protection:
+            record.confidential = protection.upper().startswith("Y")
+    if pv1 is not None:
+        mobility = _val(pv1, 15)
+        if mobility is NULL:
+            record.mobility = ""
+        elif mobility:
+            record.mobility = _fit(ctx, mobility, 32, pv1, 15)
+    return record
+
+
+def _name(ctx: _Context, pid: Segment, record: PatientRecord) -> None:
+    reps = _reps(pid, 5)
+    if not reps:
+        return
+    if pid.field(5) == '""':
+        record.family_name, record.given_name = "", ""
+        return
+    chosen = None
+    for rep in range(1, reps + 1):  # the primary (legal) name comes first; skip empty repetitions
+        family, given = _val(pid, 5, 1, 1, rep), _val(pid, 5, 2, 1, rep)
+        if family or given:
+            chosen = (family, given)
+            break
+    if chosen is not None:
+        record.family_name = _fit(ctx, chosen[0], 100, pid, 5)
+        record.given_name = _fit(ctx, chosen[1], 100, pid, 5)
+
+
+def _address(ctx: _Context, pid: Segment, record: PatientRecord) -> None:
+    reps = _reps(pid, 11)
+    if not reps:
+        return
+    if pid.field(11) == '""':
+        record.address = {}
+        return
+    order = sorted(range(1, reps + 1), key=lambda r: (_val(pid, 11, 7, 1, r).upper() not in ("H", "HOME"), r))
+    for rep in order:
+        street, street_name = _val(pid, 11, 1, 1, rep), _val(pid, 11, 1, 2, rep)
+        if street_name and street_name not in street:
+            street = f"{street} {street_name}".strip()
+        parts = {"street": street, "line2": _val(pid, 11, 2, 1, rep), "city": _val(pid, 11, 3, 1, rep),
+                 "state": _val(pid, 11, 4, 1, rep), "zip": _val(pid, 11, 5, 1, rep),
+                 "country": _val(pid, 11, 6, 1, rep)}
+        address = {k: v.replace("\u2011", "-")[:200] for k, v in parts.items() if v}
+        if address:
+            record.address = address
+            return
+
+
+def _phones(ctx: _Context, pid: Segment, record: PatientRecord) -> None:
+    phones: list[dict[str, str]] = []
+    email: Optional[str] = None
+    said = False
+    for field_, default_use in ((13, "PRN"), (14, "WPN")):
+        for rep in range(1, _reps(pid, field_) + 1):
+            said = True
+            v = lambda c: _val(pid, field_, c, 1, rep)  # noqa: E731
+            use, kind = v(2).upper(), v(3)
+            first, fourth = v(1), v(4)
+            if use in ("NET", "EMAIL", "X.400") or kind.upper() in ("INTERNET", "X.400") or "@" in fourth \
+                    or "@" in first:
+                address = fourth if "@" in fourth else first
+                if "@" in address and email is None:
+                    email = _fit(ctx, address.removeprefix("mailto:"), 200, pid, field_)
+                continue
+            number = first or v(12)
+            if not number and (v(6) or v(7)):
+                number = " ".join(p for p in (f"+{v(5)}" if v(5) else "", v(6), v(7)) if p)
+                if v(8):
+                    number += f" x{v(8)}"
+            if not number or number is NULL:
+                continue
+            phone = {"number": number.replace("\u2011", "-")[:64], "use": use or default_use}
+            if kind:
+                phone["type"] = kind.upper()
+            if phone not in phones:
+                phones.append(phone)
+    if said:
+        record.phones = phones
+        record.email = email or ""
+
+
+def _language(pid: Segment, record: PatientRecord) -> None:
+    code = _val(pid, 15)
+    if code is NULL:
+        record.language, record.needs_interpreter = "", False
+        return
+    text = code or _val(pid, 15, 2)
+    if not text:
+        return
+    key = text.strip().lower().replace("_", "-")
+    base = key.split("-")[0]
+    language = _LANGUAGES.get(key) or _LANGUAGES.get(base) or (base if len(base) == 2 else key)
+    record.language = language[:32]
+    record.needs_interpreter = language != CLINIC_LANGUAGE
+
+
+def _owners(ctx: _Context, identifiers: list[Identifier]) -> list[int]:
+    owners: list[int] = []
+    for ident in identifiers:
+        patient = ctx.scheduler.find_patient([ident])
+        if patient is not None and patient.id not in owners:
+            owners.append(patient.id)
+    return owners
+
+
+def _unchanged(ctx: _Context, patient_id: int, record: PatientRecord) -> bool:
+    with ctx.scheduler.sessions() as session:
+        patient = session.get(Patient, patient_id)
+        if patient is None:
+            return False
+        for name in record.__dataclass_fields__:
+            if name == "identifiers":
+                continue
+            value = getattr(record, name)
+            if value is not None and getattr(patient, name) != value:
+                return False
+        known = set(session.execute(select(PatientIdentifier.authority, PatientIdentifier.type_code,
+                                           PatientIdentifier.value)
+                                    .where(PatientIdentifier.patient_id == patient_id)).all())
+    return all((i.authority, i.type_code, i.value) in known for i in record.identifiers)
+
+
+def _register(ctx: _Context, pid: Segment, record: PatientRecord) -> int:
+    """Create or update the patient; returns our patient id."""
+    owners = _owners(ctx, record.identifiers)
+    if len(owners) > 1:
+        raise ctx.fail(205, f"PID-3 names patients {', '.join(map(str, owners))}, whom this schedule holds "
+                            f"separately (a merge, A40, is needed first)", pid, 3)
+    if owners and _unchanged(ctx, owners[0], record):
+        return owners[0]
+    with ctx.engine_call(pid, 3):
+        patient = ctx.scheduler.register_patient(record, ctx.actor)
+    return patient.id
+
+
+def _patient_segments(message: Message, pid: Segment) -> tuple[Optional[Segment], Optional[Segment]]:
+    """PD1 and PV1 of the patient group that starts with ``pid``."""
+    pd1 = pv1 = None
+    started = False
+    for seg in message.segments:
+        if seg is pid:
+            started = True
+            continue
+        if not started:
+            continue
+        if seg.name in ("PID", "MRG", "RGS"):
+            break
+        if seg.name == "PD1" and pd1 is None:
+            pd1 = seg
+        elif seg.name == "PV1" and pv1 is None:
+            pv1 = seg
+    return pd1, pv1
+
+
+# --- coverage -------------------------------------------------------------------------
+
+
+def _coverages(ctx: _Context, patient_id: int) -> None:
+    in2_of: dict[int, Segment] = {}
+    current: Optional[Segment] = None
+    for seg in ctx.message.segments:
+        if seg.name == "IN1":
+            current = seg
+        elif seg.name == "IN2" and current is not None and id(current) not in in2_of:
+            in2_of[id(current)] = seg
+        elif seg.name not in ("IN3", "ROL", "NTE", "IN2"):
+            current = None
+    for position, in1 in enumerate(ctx.message.segments_named("IN1"), 1):
+        record = _coverage_record(ctx, in1, in2_of.get(id(in1)), position)
+        if record is None:
+            continue
+        if _coverage_unchanged(ctx, patient_id, record):
+            continue
+        with ctx.engine_call(in1, 3):
+            ctx.scheduler.record_coverage(patient_id, record, ctx.actor)
+
+
+def _coverage_record(ctx: _Context, in1: Segment, in2: Optional[Segment], position: int) -> Optional[CoverageRecord]:
+    plan = _val(in1, 2)
+    payer = _val(in1, 3) or plan or _val(in1, 4)
+    if not payer:
+        ctx.warn(101, "IN1-3 (insurance company id), IN1-2 and IN1-4 are empty: coverage not recorded", in1, 3)
+        return None
+    member = _val(in1, 36) or _val(in1, 49) or _val(in2, 61)
+    if len(payer) > 64 or len(member) > 64:
+        ctx.warn(104, "IN1 payer or member id longer than 64 characters: coverage not recorded", in1, 3)
+        return None
+    priority = None
+    for candidate in (_val(in1, 22), _val(in1, 1)):
+        if candidate.isdigit() and 1 <= int(candidate) <= 99:
+            priority = int(candidate)
+            break
+    dates: dict[str, Optional[date]] = {}
+    for name, field_ in (("effective_date", 12), ("expiry_date", 13)):
+        parsed = _dtm(ctx, in1, field_, essential=False)
+        dates[name] = parsed.date() if parsed else None
+    verified = _dtm(ctx, in1, 29, essential=False)
+    verified_at = verified.to_utc(ctx.default_tz) if verified else None
+    status_text = _val(in1, 45)
+    if status_text:
+        status = {"Y": "verified", "V": "verified", "VERIFIED": "verified", "N": "unverified",
+                  "NOTVERIFIED": "unverified", "UNVERIFIED": "unverified"}.get(_norm(status_text),
+                                                                                status_text.lower()[:32])
+    else:
+        status = "verified" if verified_at else "unverified"
+    return CoverageRecord(
+        payer_id=payer, member_id=member, payer_name=_val(in1, 4)[:200], plan_id=plan[:64],
+        group_number=_val(in1, 8)[:64], priority=priority or position, verification_status=status,
+        verified_at=verified_at, **dates,
+    )
+
+
+def _coverage_unchanged(ctx: _Context, patient_id: int, record: CoverageRecord) -> bool:
+    with ctx.scheduler.sessions() as session:
+        coverage = session.scalars(select(Coverage).where(
+            Coverage.patient_id == patient_id, Coverage.payer_id == record.payer_id,
+            Coverage.member_id == record.member_id)).one_or_none()
+        if coverage is None:
+            return False
+        return all(getattr(coverage, name) == getattr(record, name) for name in (
+            "payer_name", "plan_id", "group_number", "priority", "effective_date", "expiry_date",
+            "verification_status", "verified_at"))
+
+
+# --- ADT ------------------------------------------------------------------------------
+
+
+def _apply_adt(ctx: _Context) -> str:
+    event = ctx.event
+    if event not in ADT_PATIENT_EVENTS:
+        return "skipped"
+    pids = ctx.message.segments_named("PID")
+    if not pids:
+        raise ctx.fail(100, f"ADT^{event} without a PID segment", segment_name="PID")
+    if event == "A40":
+        _merge(ctx, pids)
+        return "applied"
+    if event == "A24":
+        for pid in pids:
+            pd1, pv1 = _patient_segments(ctx.message, pid)
+            _register(ctx, pid, _patient_record(ctx, pid, pd1, pv1))
+        return "applied"
+    pid = pids[0]
+    pd1, pv1 = _patient_segments(ctx.message, pid)
+    patient_id = _register(ctx, pid, _patient_record(ctx, pid, pd1, pv1))
+    _coverages(ctx, patient_id)
+    if event in ("A01", "A04", "A03", "A11", "A13"):
+        _visit_event(ctx, patient_id, pv1)
+    return "applied"
+
+
+def _merge(ctx: _Context, pids: list[Segment]) -> None:
+    segments = ctx.message.segments
+    for pid in pids:
+        start = segments.index(pid)
+        mrg = None
+        for seg in segments[start + 1:]:
+            if seg.name == "PID":
+                break
+            if seg.name == "MRG":
+                mrg = seg
+                break
+        if mrg is None:
+            raise ctx.fail(100, "ADT^A40: a PID without the MRG segment naming the merged patient", pid)
+        pd1, pv1 = _patient_segments(ctx.message, pid)
+        record = _patient_record(ctx, pid, pd1, pv1)
+        merged_ids = _identifiers(ctx, mrg, (1, 4))
+        if not merged_ids:
+            raise ctx.fail(101, "MRG-1 (prior patient identifier list) is empty", mrg, 1)
+        merged_owners = _owners(ctx, merged_ids)
+        if len(merged_owners) > 1:
+            raise ctx.fail(205, f"MRG-1 names patients {', '.join(map(str, merged_owners))}, whom this schedule "
+                                f"holds separately", mrg, 1)
+        merged_id = merged_owners[0] if merged_owners else None
+        owners = _owners(ctx, record.identifiers)
+        others = [o for o in owners if o != merged_id]
+        if len(others) > 1:
+            raise ctx.fail(205, f"PID-3 names patients {', '.join(map(str, others))}, whom this schedule holds "
+                                f"separately", pid, 3)
+        if merged_id is None:
+            ctx.warn(204, "MRG-1 names a patient this schedule does not hold: nothing to merge", mrg, 1)
+            _register(ctx, pid, record)
+            continue
+        if others:
+            survivor_id = others[0]
+        elif owners:  # every PID-3 identifier is already the merged patient's: merged before
+            _register(ctx, pid, record)
+            continue
+        else:  # unknown survivor: created from the PID, without the identifiers MRG-1 holds
+            with ctx.engine_call(pid, 3):
+                survivor_id = ctx.scheduler.register_patient(record, ctx.actor).id
+        with ctx.engine_call(mrg, 1):
+            ctx.scheduler.merge_patients(survivor_id, merged_id, ctx.actor,
+                                         reason=f"ADT^A40 {ctx.message.control_id}"[:200])
+        _register(ctx, pid, record)
+
+
+def _event_time(ctx: _Context, pv1: Optional[Segment]) -> datetime:
+    sources: list[tuple[Optional[Segment], int]] = [(ctx.message.first("EVN"), 2)]
+    if ctx.event in ("A03", "A13"):
+        sources.append((pv1, 45))
+    sources += [(pv1, 44), (ctx.message.msh, 7)]
+    for seg, field_ in sources:
+        parsed = _dtm(ctx, seg, field_, essential=False)
+        if parsed is not None:
+            return parsed.to_utc(ctx.default_tz)
+    return ctx.scheduler.clock.now()
+
+
+def _visit_event(ctx: _Context, patient_id: int, pv1: Optional[Segment]) -> None:
+    when = _event_time(ctx, pv1)
+    with ctx.scheduler.sessions() as session:
+        rows = session.execute(select(Appointment.id, Appointment.start, Appointment.status, Appointment.location_id)
+                               .where(Appointment.patient_id == patient_id,
+                                      Appointment.start >= when - timedelta(days=2),
+                                      Appointment.start <= when + timedelta(days=2))
+                               .order_by(Appointment.start, Appointment.id)).all()
+        zones = dict(session.execute(select(Location.id, Location.timezone)).all()) if rows else {}
+    same_day = []
+    for appointment_id, start, status, location_id in rows:
+        tz = zones.get(location_id) or ctx.default_tz
+        local = zone(tz)
+        if start.astimezone(local).date() == when.astimezone(local).date():
+            same_day.append((abs(start - when), appointment_id, Status(status)))
+
+    def nearest(statuses) -> Optional[tuple[int, Status]]:
+        found = sorted((d, a, s) for d, a, s in same_day if s in statuses)
+        return (found[0][1], found[0][2]) if found else None
+
+    reason = f"ADT^{ctx.event}"
+    booked = (Status.BOOKED, Status.OVERBOOKED)
+    visit = (Status.ARRIVED, Status.CHECKED_IN, Status.COMPLETED)
+    scheduler, actor = ctx.scheduler, ctx.actor
+    with ctx.engine_call(pv1, None, segment_name="PV1"):
+        if ctx.event in ("A01", "A04"):
+            hit = nearest(booked + visit)
+            if hit and hit[1] in booked:
+                scheduler.arrive(hit[0], actor, reason)
+                ctx.appointment_id = hit[0]
+        elif ctx.event == "A03":
+            hit = nearest((Status.ARRIVED, Status.CHECKED_IN)) or nearest(booked + (Status.COMPLETED,))
+            if hit and hit[1] != Status.COMPLETED:
+                if hit[1] in booked:
+                    scheduler.arrive(hit[0], actor, reason)
+                scheduler.complete(hit[0], actor, reason)
+                ctx.appointment_id = hit[0]
+        elif ctx.event == "A11":
+            hit = nearest((Status.ARRIVED, Status.CHECKED_IN))
+            if hit:
+                if hit[1] == Status.CHECKED_IN:
+                    scheduler.undo_check_in(hit[0], actor, reason)
+                scheduler.undo_arrival(hit[0], actor, reason)
+                ctx.appointment_id = hit[0]
+        elif ctx.event == "A13":
+            hit = nearest((Status.COMPLETED,))
+            if hit:
+                scheduler.undo_completion(hit[0], actor, reason)
+                ctx.appointment_id = hit[0]
+
+
+# --- SIU: who and where ------------------------------------------------------------------
+
+
+@dataclass
+class _Entity:
+    model: type
+    code: str
+    values: dict[str, Any]
+    seg: Segment
+    field_: int
+
+
+def _ai_segments(ctx: _Context) -> list[_AI]:
+    found: list[_AI] = []
+    group_deleted = False
+    for seg in ctx.message.segments:
+        if seg.name == "RGS":
+            group_deleted = _val(seg, 2).upper() == "D"
+        elif seg.name in ("AIS", "AIG", "AIL", "AIP"):
+            found.append(_AI(ctx, seg, group_deleted))
+    return found
+
+
+def _ei(seg: Segment, field_: int) -> Optional[str]:
+    ident = _val(seg, field_, 1)
+    if not ident:
+        return None
+    namespace = _val(seg, field_, 2) or _val(seg, field_, 3)
+    return f"{ident}^{namespace}" if namespace else ident
+
+
+def _location_entity(ctx: _Context, seg: Segment, field_: int, physical: int) -> Optional[_Entity]:
+    point = _val(seg, physical, 1, 1)
+    facility = _val(seg, physical, 4, 1) or _val(seg, physical, 4, 2)
+    room = _val(seg, physical, 2)
+    description = _val(seg, physical, 9)
+    code = point or facility or room or description
+    if not code:
+        return None
+    if len(code) > 64:
+        ctx.warn(104, f"{seg.name}-{field_} location code is longer than 64 characters: not recorded", seg, physical)
+        return None
+    name = description or _val(seg, physical, 1, 2) or (f"{point} ({facility})" if point and facility else code)
+    return _Entity(Location, code, {"name": name[:200], "timezone": ctx.default_tz, "address": "",
+                                    "instructions": ""}, seg, physical)
+
+
+def _room_entity(ctx: _Context, seg: Segment, field_: int, physical: int, location_code: str) -> Optional[_Entity]:
+    room, bed = _val(seg, physical, 2), _val(seg, physical, 3)
+    if not room:
+        return None
+    code = "^".join(p for p in (location_code, room, bed) if p)
+    if len(code) > 64:
+        ctx.warn(104, f"{seg.name}-{field_} room code is longer than 64 characters: not recorded", seg, physical)
+        return None
+    return _Entity(Resource, code, {"name": (room + (f" {bed}" if bed else ""))[:200], "kind": "room"}, seg, physical)
+
+
+def _resource_kind(kind_code: str, kind_text: str) -> str:
+    words = _norm(kind_code) + " " + _norm(kind_text)
+    if "ROOM" in words:
+        return "room"
+    if _norm(kind_code) in ("P", "PERSON", "PERSONNEL", "PROVIDER", "STAFF") or "PERSON" in words:
+        return "person"
+    if "EQUIP" in words or "DEVICE" in words or "MACHINE" in words:
+        return "equipment"
+    return "other"
+
+
+def _resource_entity(ctx: _Context, ai: _AI) -> Optional[_Entity]:
+    code, text = ai.value(3, 1), ai.value(3, 2)
+    code = code or text
+    if not code:
+        return None
+    if len(code) > 64:
+        ctx.warn(104, "AIG-3 resource id is longer than 64 characters: not recorded", ai.seg, ai.field(3))
+        return None
+    kind = _resource_kind(ai.value(4, 1), ai.value(4, 2))
+    return _Entity(Resource, code, {"name": (text or code)[:200], "kind": kind}, ai.seg, ai.field(3))
+
+
+def _provider_entity(ctx: _Context, ai: _AI) -> Optional[_Entity]:
+    code = ai.value(3, 1)
+    family, given = ai.value(3, 2, 1), ai.value(3, 3)
+    if not code:
+        if family or given:
+            ctx.warn(101, "AIP-3.1 (person id) is empty: the provider is not recorded", ai.seg, ai.field(3), 1)
+        return None
+    if len(code) > 64:
+        ctx.warn(104, "AIP-3.1 person id is longer than 64 characters: not recorded", ai.seg, ai.field(3), 1)
+        return None
+    return _Entity(Provider, code, {"family_name": (family or code)[:100], "given_name": given[:100],
+                                    "gender": "U", "languages": [], "specialties": [], "networks": [],
+                                    "active": True}, ai.seg, ai.field(3))
+
+
+def _existing_id(ctx: _Context, model, code: str) -> Optional[int]:
+    with ctx.scheduler.sessions() as session:
+        return session.scalar(select(model.id).where(model.code == code))
+
+
+def _location_timezone(ctx: _Context, code: str) -> str:
+    with ctx.scheduler.sessions() as session:
+        return session.scalar(select(Location.timezone).where(Location.code == code)) or ctx.default_tz
+
+
+def _ensure(ctx: _Context, entity: _Entity, **extra: Any) -> int:
+    """The id of the record with this code, created when the EHR names one we
+    do not know (mirror mode: see the module doc)."""
+    found = _existing_id(ctx, entity.model, entity.code)
+    if found is not None:
+        return found
+    try:
+        with ctx.scheduler.unit_of_work() as (session, _work):
+            row = entity.model(code=entity.code, **entity.values, **extra)
+            session.add(row)
+            session.flush()
+            new_id = row.id
+    except IntegrityError:  # created by a concurrent writer meanwhile
+        found = _existing_id(ctx, entity.model, entity.code)
+        if found is None:
+            raise
+        return found
+    log.info("created from an inbound message", extra={"message_id": ctx.message_id, "entity": entity.model.__name__,
+                                                         "entity_id": new_id})
+    return new_id
+
+
+# --- SIU: times, type, status ----------------------------------------------------------------
+
+
+def _siu_times(ctx: _Context, sch: Segment, ais: list[_AI], tz: str) -> tuple[datetime, datetime]:
+    tq1 = ctx.message.first("TQ1")
+    candidates: list[tuple[Segment, int, int, Optional[tuple[Segment, int, int]], int]] = []
+    if tq1 is not None:
+        candidates.append((tq1, 7, 1, (tq1, 8, 1), 7))
+    candidates.append((sch, 11, 4, (sch, 11, 5), 11))
+    starts = {"AIS": 4, "AIG": 8, "AIL": 6, "AIP": 6}
+    for ai in ais:
+        if not ai.deleted:
+            candidates.append((ai.seg, starts[ai.seg.name], 1, None, ai.field(starts[ai.seg.name])))
+    start = end_source = None
+    for seg, field_, component, pair, physical in candidates:
+        start = _dtm(ctx, seg, field_, component, essential=True, physical=physical)
+        if start is not None:
+            end_source = pair
+            break
+    if start is None:
+        if tq1 is not None:
+            raise ctx.fail(101, "no appointment start time: TQ1-7 (and SCH-11.4, AIS-4, AIP-6…) empty", tq1, 7)
+        raise ctx.fail(101, "no appointment start time: SCH-11.4 (and TQ1, AIS-4, AIP-6…) empty", sch, 11)
+    if not start.has_time:
+        ctx.warn(102, f"{seg.name}-{field_} start has no time of day: midnight assumed", seg, physical)
+    start_utc = start.to_utc(tz)
+    duration = _siu_duration(ctx, sch, tq1, ais)
+    end_utc = None
+    if end_source is not None:
+        end_seg, end_field, end_component = end_source
+        end = _dtm(ctx, end_seg, end_field, end_component, essential=True)
+        if end is not None:
+            end_utc = end.to_utc(tz)
+            label = f"{end_seg.name}-{end_field}" + (f".{end_component}" if end_seg.name == "SCH" else "")
+            problem = ("is not after the start" if end_utc <= start_utc else
+                       "is more than 24 hours after the start" if end_utc - start_utc > MAX_DURATION else None)
+            if problem:
+                where = (end_seg, end_field, end_component if end_seg.name == "SCH" else None)
+                if duration is None:
+                    raise ctx.fail(102, f"{label} (end) {problem}, and no duration is given", *where)
+                ctx.warn(102, f"{label} (end) {problem}: the duration decides the end", *where)
+                end_utc = None
+    if end_utc is None and duration is not None:
+        if duration > MAX_DURATION:
+            raise ctx.fail(102, "the appointment's duration is more than 24 hours", sch, 9)
+        end_utc = start_utc + duration
+    if end_utc is None:
+        ctx.warn(101, f"no end time or duration (TQ1-8, TQ1-6, SCH-9/10, AIS-7/8…): "
+                      f"{int(DEFAULT_DURATION.total_seconds() // 60)} minutes assumed",
+                 tq1 or sch, 8 if tq1 is not None else 9)
+        end_utc = start_utc + DEFAULT_DURATION
+    return start_utc, end_utc
+
+
+def _siu_duration(ctx: _Context, sch: Segment, tq1: Optional[Segment], ais: list[_AI]) -> Optional[timedelta]:
+    """The first duration given: TQ1-6, SCH-9/10, SCH-11.3, AIS-7/8, AIG-11/12,
+    AIL-9/10, AIP-9/10. One that is not understood is skipped with a warning."""
+    sources: list[tuple[str, str, str, Segment, int]] = []
+    if tq1 is not None:
+        sources.append((_val(tq1, 6, 1), _val(tq1, 6, 2, 1), _val(tq1, 6, 2, 2), tq1, 6))
+    sources.append((_val(sch, 9), _val(sch, 10, 1), _val(sch, 10, 2), sch, 9))
+    sources.append((_val(sch, 11, 3), "", "", sch, 11))
+    fields = {"AIS": 7, "AIG": 11, "AIL": 9, "AIP": 9}
+    for ai in ais:
+        if not ai.deleted:
+            f = fields[ai.seg.name]
+            sources.append((ai.value(f), ai.value(f + 1, 1), ai.value(f + 1, 2), ai.seg, ai.field(f)))
+    for quantity, units, units_text, seg, field_ in sources:
+        if not quantity:
+            continue
+        if seg is sch and field_ == 11:
+            duration = _tq_duration(quantity)
+            label, component = "SCH-11.3", 3
+        else:
+            duration = _duration(quantity, units, units_text)
+            label, component = f"{seg.name}-{field_}/{field_ + 1}", None
+        if duration is None:
+            ctx.warn(103, f"{label} duration or its units are not understood: ignored", seg, field_, component)
+            continue
+        return duration
+    return None
+
+
+def _appointment_type(ctx: _Context, sch: Segment, ais: list[_AI]) -> tuple[str, str]:
+    codes: list[tuple[str, str, str]] = [(_val(sch, 7, 1), _val(sch, 7, 2), _val(sch, 7, 3)),
+                                         (_val(sch, 8, 1), _val(sch, 8, 2), _val(sch, 8, 3))]
+    codes += [(a.value(3, 1), a.value(3, 2), a.value(3, 3)) for a in ais if a.seg.name == "AIS" and not a.deleted]
+    kind, urgency = None, "routine"
+    for code, text, system in codes:
+        found: tuple[Optional[str], Optional[str]] = APPOINTMENT_TYPE_CODES.get(_norm(code)) or \
+            APPOINTMENT_TYPE_CODES.get(_norm(text)) or (None, None)
+        if found == (None, None) and _norm(system) in ("SCT", "SNM", "SNOMEDCT", "SNM3") and \
+                text.lower().endswith("(procedure)"):
+            found = ("procedure", None)
+        if found[1] == "urgent":
+            urgency = "urgent"
+        if found[0] in _SPECIFIC_TYPES and kind not in _SPECIFIC_TYPES:
+            kind = found[0]
+        elif found[0] and kind is None:
+            kind = found[0]
+    tq1 = ctx.message.first("TQ1")
+    if tq1 is not None and _norm(_val(tq1, 9)) in ("S", "A", "STAT", "ASAP"):
+        urgency = "urgent"
+    return kind or "general", urgency
+
+
+def _reason_and_notes(ctx: _Context, sch: Segment, ais: list[_AI]) -> tuple[str, str]:
+    texts = [_val(sch, 7, 2) or _val(sch, 7, 1)]
+    texts += [a.value(3, 2) or a.value(3, 1) for a in ais if a.seg.name == "AIS" and not a.deleted]
+    reason_parts: list[str] = []
+    for text in texts:
+        if text and text is not NULL and text not in reason_parts:
+            reason_parts.append(text)
+    if not reason_parts:
+        fallback = _val(sch, 8, 2) or _val(sch, 8, 1)
+        if fallback and _norm(fallback) not in APPOINTMENT_TYPE_CODES:
+            reason_parts.append(fallback)
+    reason = _fit(ctx, "; ".join(reason_parts), 400, sch, 7)
+    notes = []
+    for nte in ctx.message.segments_named("NTE"):
+        for rep in range(1, _reps(nte, 3) + 1):
+            text = _val(nte, 3, 1, 1, rep)
+            if text:
+                notes.append(text)
+    if ctx.event in _EVENT_NAMES:
+        why = _val(sch, 6, 2) or _val(sch, 6, 1)
+        if why:
+            notes.append(f"{_EVENT_NAMES[ctx.event]} (SCH-6): {why}")
+    return reason, "\n".join(notes)
+
+
+def _filler_status(ctx: _Context, sch: Segment) -> Optional[Status]:
+    text = _val(sch, 25, 1)
+    if not text:
+        return None
+    status = FILLER_STATUS.get(_norm(text)) or FILLER_STATUS.get(_norm(_val(sch, 25, 2)))
+    if status is None:
+        ctx.warn(103, f"SCH-25 filler status {text[:20]!r} is not in table 0278: not used", sch, 25)
+    return status
+
+
+def _status_path(current: Status, target: Status) -> Optional[list[Status]]:
+    """The states to pass through (ending with ``target``), or None when the
+    state machine does not lead there without occupying time only in between."""
+    if current == target or target in TRANSITIONS[current]:
+        return [target]
+    if current not in OCCUPYING and target not in OCCUPYING:
+        return None
+    queue: deque[list[Status]] = deque([[current]])
+    seen = {current}
+    while queue:
+        path = queue.popleft()
+        for step in _STEPPING_STONES:
+            if step in seen or step not in TRANSITIONS[path[-1]]:
+                continue
+            if target in TRANSITIONS[step]:
+                return path[1:] + [step, target]
+            seen.add(step)
+            queue.append(path + [step])
+    return None
+
+
+# --- SIU: appointments ------------------------------------------------------------------------
+
+
+def _siu_patient(ctx: _Context) -> Optional[int]:
+    pid = ctx.message.first("PID")
+    if pid is None:
+        return None
+    pd1, pv1 = _patient_segments(ctx.message, pid)
+    return _register(ctx, pid, _patient_record(ctx, pid, pd1, pv1))
+
+
+@dataclass
+class _Where:
+    location: Optional[_Entity]
+    rooms: list[_Entity]
+    resources: list[_Entity]
+    providers: list[_Entity]
+
+
+def _siu_where(ctx: _Context, ais: list[_AI]) -> _Where:
+    location: Optional[_Entity] = None
+    rooms: list[_Entity] = []
+    resources: list[_Entity] = []
+    providers: list[_Entity] = []
+    for ai in ais:
+        if ai.deleted:
+            continue
+        if ai.seg.name == "AIL":
+            entity = _location_entity(ctx, ai.seg, 3, ai.field(3))
+            if entity is None:
+                continue
+            if location is None:
+                location = entity
+            room = _room_entity(ctx, ai.seg, 3, ai.field(3), entity.code)
+            if room is not None and room.code not in {r.code for r in rooms}:
+                rooms.append(room)
+        elif ai.seg.name == "AIG":
+            entity = _resource_entity(ctx, ai)
+            if entity is not None and entity.code not in {r.code for r in resources}:
+                resources.append(entity)
+        elif ai.seg.name == "AIP":
+            entity = _provider_entity(ctx, ai)
+            if entity is not None and entity.code not in {p.code for p in providers}:
+                providers.append(entity)
+    if location is None:
+        pv1 = ctx.message.first("PV1")
+        if pv1 is not None and _val(pv1, 3):
+            location = _location_entity(ctx, pv1, 3, 3)
+            if location is not None:
+                room = _room_entity(ctx, pv1, 3, 3, location.code)
+                if room is not None:
+                    rooms.append(room)
+    return _Where(location, rooms, resources, providers)
+
+
+def _snapshot(ctx: _Context, placer: Optional[str], filler: Optional[str]) -> Optional[dict[str, Any]]:
+    appointment = ctx.scheduler.find_appointment(placer_id=placer, filler_id=filler)
+    if appointment is None:
+        return None
+    with ctx.scheduler.sessions() as session:
+        row = session.get(Appointment, appointment.id)
+        resources = sorted(session.scalars(select(AppointmentResource.resource_id)
+                                           .where(AppointmentResource.appointment_id == row.id)))
+        return {"id": row.id, "status": Status(row.status), "start": row.start, "end": row.end,
+                "appointment_type": row.appointment_type, "reason": row.reason, "urgency": row.urgency,
+                "notes": row.notes, "patient_id": row.patient_id, "provider_id": row.provider_id,
+                "location_id": row.location_id, "resource_ids": tuple(resources)}
+
+
+def _would_change(existing: dict[str, Any], external: ExternalAppointment) -> bool:
+    """Whether ``record_external_appointment`` would change the appointment."""
+    if existing["status"] != Status(external.status):
+        return True
+    for name in ("start", "end", "appointment_type", "urgency"):
+        if existing[name] != getattr(external, name):
+            return True
+    for name in ("reason", "notes", "patient_id", "provider_id", "location_id"):
+        value = getattr(external, name)
+        if value and existing[name] != value:
+            return True
+    return tuple(sorted(existing["resource_ids"])) != tuple(sorted(external.resource_ids))
+
+
+def _apply_siu(ctx: _Context) -> str:
+    message = ctx.message
+    sch = message.first("SCH")
+    if sch is None:
+        raise ctx.fail(100, f"SIU^{ctx.event} without an SCH segment", segment_name="SCH")
+    placer, filler = _ei(sch, 1), _ei(sch, 2)
+    if not (placer or filler):
+        raise ctx.fail(101, "SCH-1 (placer appointment id) and SCH-2 (filler appointment id) are both empty",
+                       sch, 1)
+    for ident, field_ in ((placer, 1), (filler, 2)):
+        if ident and len(ident) > 100:
+            raise ctx.fail(104, f"SCH-{field_} appointment id is longer than 100 characters", sch, field_)
+    ais = _ai_segments(ctx)
+    where = _siu_where(ctx, ais)
+    tz = _location_timezone(ctx, where.location.code) if where.location else ctx.default_tz
+    start, end = _siu_times(ctx, sch, ais, tz)
+    appointment_type, urgency = _appointment_type(ctx, sch, ais)
+    reason, notes = _reason_and_notes(ctx, sch, ais)
+    filler_status = _filler_status(ctx, sch)
+    existing = _snapshot(ctx, placer, filler)
+
+    # Writes start here; everything above only read.
+    patient_id = _siu_patient(ctx)
+    location_id = _ensure(ctx, where.location) if where.location else None
+    provider_id = _ensure(ctx, where.providers[0], location_id=location_id) if where.providers else None
+    resource_ids = sorted({_ensure(ctx, e, location_id=location_id) for e in where.rooms + where.resources})
+
+    current = existing["status"] if existing else None
+    if ctx.event in _TRIGGER_STATUS:
+        target = _TRIGGER_STATUS[ctx.event]
+    else:
+        target = filler_status or (current if ctx.event == "S14" and current else Status.BOOKED)
+    if current in _VISIT_RANK and target in _VISIT_RANK and _VISIT_RANK[target] < _VISIT_RANK[current]:
+        target = current
+    external = ExternalAppointment(
+        status=target.value, start=start, end=end, appointment_type=appointment_type, placer_id=placer,
+        filler_id=filler, patient_id=patient_id, provider_id=provider_id, location_id=location_id,
+        resource_ids=tuple(resource_ids), reason=reason, urgency=urgency, notes=notes,
+    )
+    if existing is not None and ctx.event == "S12":
+        external = _late_booking(ctx, sch, existing, external)
+        target = Status(external.status)
+    if existing is not None:
+        ctx.appointment_id = existing["id"]
+        if not _would_change(existing, external):
+            return "applied"
+        path = _status_path(current, target)
+        if path is None:
+            source = (sch, 25) if ctx.event not in _TRIGGER_STATUS and filler_status else (message.msh, 9)
+            raise ctx.fail(207, f"appointment {existing['id']} is {current.value}; SIU^{ctx.event} would make it "
+                                f"{target.value}, which the appointment state machine does not allow", *source)
+    else:
+        path = [target]
+    status_field = (sch, 25) if filler_status and ctx.event not in _TRIGGER_STATUS else (message.msh, 9)
+    for step in path:
+        with ctx.engine_call(*status_field):
+            appointment = ctx.scheduler.record_external_appointment(replace(external, status=step.value), ctx.actor)
+    ctx.appointment_id = appointment.id
+    return "applied"
+
+
+def _late_booking(ctx: _Context, sch: Segment, existing: dict[str, Any],
+                  external: ExternalAppointment) -> ExternalAppointment:
+    """An S12 for an appointment we hold fills only what we do not know."""
+    kept = replace(
+        external, status=existing["status"].value, start=existing["start"], end=existing["end"],
+        appointment_type=existing["appointment_type"], urgency=existing["urgency"],
+        reason=existing["reason"] or external.reason, notes=existing["notes"] or external.notes,
+        patient_id=existing["patient_id"] or external.patient_id,
+        provider_id=existing["provider_id"] or external.provider_id,
+        location_id=existing["location_id"] or external.location_id,
+        resource_ids=existing["resource_ids"] or external.resource_ids,
+    )
+    kept_view = {**existing, "status": Status(kept.status), "patient_id": kept.patient_id,
+                 "provider_id": kept.provider_id, "location_id": kept.location_id, "reason": kept.reason,
+                 "notes": kept.notes, "resource_ids": kept.resource_ids}
+    if _would_change(kept_view, external):
+        ctx.warn(205, f"SIU^S12 for appointment {existing['id']}, which this schedule already holds: a repeated or "
+                      f"late booking notice does not change it (send S13/S14)", sch, 2 if external.filler_id else 1)
+    return kept
+
+
+# --- SIU: blocked and opened time ------------------------------------------------------------------
+
+
+def _apply_blocks(ctx: _Context) -> str:
+    sch = ctx.message.first("SCH")
+    if sch is None:
+        raise ctx.fail(100, f"SIU^{ctx.event} without an SCH segment", segment_name="SCH")
+    ais = _ai_segments(ctx)
+    where = _siu_where(ctx, ais)
+    tz = _location_timezone(ctx, where.location.code) if where.location else ctx.default_tz
+    start, end = _siu_times(ctx, sch, ais, tz)
+    owners: list[tuple[str, _Entity]] = [("provider", p) for p in where.providers]
+    owners += [("resource", r) for r in where.rooms + where.resources]
+    if not owners:
+        raise ctx.fail(101, f"SIU^{ctx.event} names no provider (AIP-3) or resource (AIG-3, AIL-3) whose time "
+                            f"it {'blocks' if ctx.event == 'S23' else 'opens'}", segment_name="AIP")
+    location_id = _ensure(ctx, where.location) if where.location else None
+    reason = _val(sch, 6, 2) or _val(sch, 6, 1) or _val(sch, 7, 2) or _val(sch, 7, 1)
+    for kind, entity in owners:
+        owner_id = _ensure(ctx, entity, location_id=location_id)
+        column = TimeBlock.provider_id if kind == "provider" else TimeBlock.resource_id
+        with ctx.scheduler.sessions() as session:
+            if ctx.event == "S23":
+                blocks = list(session.scalars(select(TimeBlock.id).where(
+                    column == owner_id, TimeBlock.active.is_(True), TimeBlock.start == start, TimeBlock.end == end)))
+            else:
+                blocks = list(session.scalars(select(TimeBlock.id).where(
+                    column == owner_id, TimeBlock.active.is_(True), TimeBlock.start >= start, TimeBlock.end <= end)))
+        with ctx.engine_call(entity.seg, entity.field_):
+            if ctx.event == "S23":
+                if not blocks:
+                    ctx.scheduler.block_time(start=start, end=end, actor=ctx.actor, reason=reason[:400],
+                                             **{f"{kind}_id": owner_id})
+            elif blocks:
+                for block_id in blocks:
+                    ctx.scheduler.unblock_time(block_id, ctx.actor, reason[:400])
+            else:
+                ctx.warn(204, f"no blocked time of this {kind} lies within the opened time: nothing to open",
+                         entity.seg, entity.field_)
+    return "applied"

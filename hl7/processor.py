@@ -1,0 +1,220 @@
+"""Applies stored messages to the schedule, in arrival order per sender.
+
+One transaction applies a batch: each message in its own savepoint, its
+schedule changes and its new status (applied / parked with the reason)
+commit together — a crash leaves a message either wholly applied and marked,
+or untouched and still ``received``.  Several daemons on one PostgreSQL
+share the work: a transaction-scoped advisory lock per sender keeps each
+sender's messages in order on one node at a time.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from engine.errors import SchedulingError
+from engine.metrics import Metrics
+from engine.models import InboundMessage
+from engine.service import Scheduler
+from hl7.ack import ErrorDetail, build_ack, new_control_id
+from hl7.mapping import MappingError, apply_message
+from hl7.message import HL7ParseError, parse
+from hl7.store import APPLIED, PARKED, RECEIVED, MessageStore
+
+log = logging.getLogger("slotengine.processor")
+
+
+@dataclass(frozen=True)
+class FeedPolicy:
+    mode: str = "mirror"  # mirror | filler
+    on_error: str = "continue"  # continue | stop
+    ack_when: str = "stored"  # stored | applied
+
+
+@dataclass
+class Outcome:
+    message_id: int
+    feed: str
+    status: str
+    errors: list[ErrorDetail] = field(default_factory=list)
+    reply: Optional[bytes] = None  # the application ACK, or the response message (SRR, SQR)
+
+
+class Processor:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        store: MessageStore,
+        policies: dict[str, FeedPolicy],
+        metrics: Metrics,
+        *,
+        batch_size: int = 100,
+        on_outcomes: Callable[[list[Outcome]], None] = lambda outcomes: None,
+    ):
+        self.scheduler = scheduler
+        self.store = store
+        self.policies = policies
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.on_outcomes = on_outcomes
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.last_error: Optional[str] = None
+
+    # --- the worker thread -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="processor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Finish the batch in flight (never half-applied), then stop."""
+        self._stop.set()
+        self.store.new_messages.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                applied = self.apply_pending()
+                self.last_error = None
+                backoff = 0.05
+            except Exception as exc:  # noqa: BLE001 - database down: retry, lose nothing
+                self.last_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                log.error("applying messages failed; will retry", extra={"error": self.last_error})
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if not applied:
+                self.store.new_messages.wait(0.5)
+                self.store.new_messages.clear()
+
+    # --- one batch ---------------------------------------------------------------
+
+    def apply_pending(self) -> int:
+        outcomes: list[Outcome] = []
+        views: list[Scheduler] = []
+        with self.scheduler.sessions() as session, session.begin():
+            pending = self._claim(session)
+            for row in pending:
+                started = time.perf_counter()
+                view = self.scheduler.within(session)
+                outcome = self._apply_one(session, view, row)
+                if outcome.status == APPLIED:
+                    views.append(view)
+                outcomes.append(outcome)
+                self.metrics.apply_seconds.labels(row.feed).observe(time.perf_counter() - started)
+            depth = session.scalar(select(func.count()).select_from(InboundMessage)
+                                   .where(InboundMessage.status == RECEIVED)) if pending else 0
+        self.metrics.queue_depth.set(max(0, (depth or 0) - len(pending)))
+        for view in views:
+            view.notify_committed()
+        for outcome in outcomes:
+            (self.metrics.messages_applied if outcome.status != PARKED else self.metrics.messages_parked) \
+                .labels(outcome.feed).inc()
+        if outcomes:
+            self.on_outcomes(outcomes)
+        return len(outcomes)
+
+    def _claim(self, session: Session) -> list[InboundMessage]:
+        rows = list(session.scalars(
+            select(InboundMessage).where(InboundMessage.status == RECEIVED)
+            .order_by(InboundMessage.id).limit(self.batch_size)
+        ))
+        if not rows:
+            return []
+        postgres = session.get_bind().dialect.name == "postgresql"
+        allowed: dict[str, bool] = {}
+        claimed = []
+        for row in rows:
+            if row.sender not in allowed:
+                allowed[row.sender] = self._may_apply(session, row, postgres)
+            if allowed[row.sender]:
+                claimed.append(row)
+        if postgres and claimed:
+            # Another node may have applied some of them before we held the sender's lock.
+            ids = [r.id for r in claimed]
+            fresh = set(session.scalars(select(InboundMessage.id).where(
+                InboundMessage.id.in_(ids), InboundMessage.status == RECEIVED).with_for_update()))
+            for row in claimed:
+                session.refresh(row)
+            claimed = [r for r in claimed if r.id in fresh]
+        return claimed
+
+    def _may_apply(self, session: Session, row: InboundMessage, postgres: bool) -> bool:
+        if postgres:
+            key = zlib.crc32(f"slotengine-sender:{row.sender}".encode()) - 2**31
+            if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}):
+                return False
+        policy = self.policies.get(row.feed, FeedPolicy())
+        if policy.on_error == "stop":
+            parked = session.scalar(select(InboundMessage.id).where(
+                InboundMessage.sender == row.sender, InboundMessage.status == PARKED,
+                InboundMessage.id < row.id).limit(1))
+            if parked is not None:
+                return False
+        return True
+
+    def _apply_one(self, session: Session, view: Scheduler, row: InboundMessage) -> Outcome:
+        policy = self.policies.get(row.feed, FeedPolicy())
+        row.attempts += 1
+        message = None
+        savepoint = session.begin_nested()
+        try:
+            message = parse(row.raw)
+            result = apply_message(view, message, mode=policy.mode, message_id=row.id)
+        except (MappingError, HL7ParseError, SchedulingError) as exc:
+            savepoint.rollback()
+            view._deferred.clear()
+            errors = _errors_of(exc)
+            self._park(session, row, "; ".join(e.message for e in errors))
+            log.warning("message parked", extra={"feed": row.feed, "message_id": row.id,
+                                                 "control_id": row.control_id, "error": type(exc).__name__})
+            outcome = Outcome(row.id, row.feed, PARKED, errors)
+        except Exception as exc:  # noqa: BLE001 - a bug or a bad plugin: park, keep going
+            savepoint.rollback()
+            view._deferred.clear()
+            detail = ErrorDetail("MSH", 1, 0, 0, "207", "E", f"internal error while applying: {type(exc).__name__}")
+            self._park(session, row, detail.message)
+            log.error("message parked after an internal error", exc_info=True,
+                      extra={"feed": row.feed, "message_id": row.id, "control_id": row.control_id})
+            outcome = Outcome(row.id, row.feed, PARKED, [detail])
+        else:
+            savepoint.commit()
+            row.status = result.status
+            row.error = ""
+            row.processed_at = self.scheduler.clock.now()
+            outcome = Outcome(row.id, row.feed, result.status, list(result.warnings), result.response)
+        if message is not None and outcome.reply is None and (policy.ack_when == "applied" or message.enhanced_mode):
+            # Built here, in the same transaction as the outcome, so a resend of
+            # this message later gets exactly this answer.
+            code = "AE" if outcome.status == PARKED else "AA"
+            outcome.reply = build_ack(message, code, outcome.errors, control_id=new_control_id(),
+                                      now=self.scheduler.clock.now())
+        row.application_ack = outcome.reply
+        return outcome
+
+    def _park(self, session: Session, row: InboundMessage, reason: str) -> None:
+        row.status = PARKED
+        row.error = reason[:4000]
+        row.processed_at = self.scheduler.clock.now()
+
+
+def _errors_of(exc: Exception) -> list[ErrorDetail]:
+    if isinstance(exc, MappingError):
+        return list(exc.errors)
+    if isinstance(exc, HL7ParseError):
+        return [ErrorDetail(exc.segment or "MSH", exc.sequence or 1, exc.field or 0, exc.component or 0,
+                            exc.code or "102", "E", exc.message)]
+    code = {"not_found": "204", "slot_unavailable": "207", "illegal_transition": "207"}.get(
+        getattr(exc, "code", ""), "207")
+    return [ErrorDetail("SCH", 1, 0, 0, code, "E", str(exc))]

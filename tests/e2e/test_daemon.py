@@ -1,0 +1,194 @@
+"""The real daemon, on real sockets, with a real SQLite file."""
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from datetime import datetime
+
+import pytest
+
+from hl7.client import MLLPClient, check_ack
+from hl7.message import parse, split_messages
+from tests.e2e.daemon import DaemonConfig, DaemonProcess
+
+pytestmark = pytest.mark.slow
+
+SIU = (
+    "MSH|^~\\&|EPIC|NORTHCLINIC|SLOTENGINE|SE|20260302080000||SIU^S12^SIU_S12|{cid}|P|2.5.1{enhanced}\r"
+    "SCH|{placer}^EPIC|{filler}^EPIC|||||ROUTINE^Routine visit|NORMAL|15|min|^^15^20260310090000-0500^20260310091500-0500"
+    "||||||||||||||Booked\r"
+    "PID|1||{mrn}^^^NORTH^MR||Testperson^Alex||19800101|F\r"
+    "RGS|1|A\r"
+    "AIP|1|A|DRSMITH^Smith^Ann|ATTENDING\r"
+)
+
+
+def siu(cid: str, placer: str, mrn: str = "E2E1", enhanced: str = "") -> bytes:
+    return SIU.format(cid=cid, placer=placer, filler="F" + placer, mrn=mrn, enhanced=enhanced).encode()
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")
+
+
+def db_rows(path, sql, *params):
+    with sqlite3.connect(path) as connection:
+        return connection.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def sqlite_path(tmp_path):
+    return tmp_path / "e2e.db"
+
+
+@pytest.fixture
+def daemon(tmp_path, sqlite_path):
+    process = DaemonProcess(DaemonConfig(tmp_path, f"sqlite:///{sqlite_path}",
+                                         feeds=[{"name": "ehr", "mode": "mirror"},
+                                                {"name": "strict", "mode": "mirror", "ack_when": "applied",
+                                                 "allowed_senders": ["EPIC^NORTHCLINIC"],
+                                                 "unknown_types": "reject"}]))
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_stored_before_ack_and_applied_once(daemon, sqlite_path):
+    client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=10)
+    try:
+        first = client.send(siu("C1", "P1"))
+        ok, code, _ = check_ack("C1", first)
+        assert ok and code == "AA"
+        # the ACK left: the message must already be on disk
+        assert db_rows(sqlite_path, "select status from inbound_messages where control_id='C1'")
+        again = client.send(siu("C1", "P1"))
+        assert again == first  # a resend gets the original acknowledgement
+    finally:
+        client.close()
+    wait_until(lambda: db_rows(sqlite_path, "select 1 from inbound_messages where control_id='C1' and status='applied'"))
+    assert db_rows(sqlite_path, "select count(*) from inbound_messages where control_id='C1'") == [(1,)]
+    assert db_rows(sqlite_path, "select count(*), min(status) from appointments where placer_id like 'P1%'") == [(1, "booked")]
+
+
+def test_ack_after_apply_reports_mapping_errors(daemon):
+    client = MLLPClient("127.0.0.1", daemon.port("strict"), timeout=10)
+    try:
+        ok, code, _ = check_ack("S1", client.send(siu("S1", "P2")))
+        assert ok and code == "AA"
+        no_sch = b"MSH|^~\\&|EPIC|NORTHCLINIC|SE|SE|20260302080000||SIU^S12|S2|P|2.5.1\rPID|1||X1^^^N^MR\r"
+        reply = client.send(no_sch)
+        ok, code, text = check_ack("S2", reply)
+        assert not ok and code == "AE"
+        err = parse(reply).first("ERR")
+        assert err is not None and err.value(2, 1) == "SCH"
+        # unknown sender: refused with AR naming MSH-3
+        stranger = siu("S3", "P3").replace(b"EPIC|NORTHCLINIC", b"OTHER|ELSEWHERE", 1)
+        reply = client.send(stranger)
+        ok, code, text = check_ack("S3", reply)
+        assert code == "AR" and "not allowed" in text
+        # unknown message type rejected on this feed
+        orm = b"MSH|^~\\&|EPIC|NORTHCLINIC|SE|SE|20260302080000||ORM^O01|S4|P|2.5.1\rPID|1||X1^^^N^MR\r"
+        ok, code, text = check_ack("S4", client.send(orm))
+        assert code == "AR"
+    finally:
+        client.close()
+
+
+def test_enhanced_mode_commit_then_application_ack(daemon):
+    client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=10)
+    try:
+        accept = client.send(siu("E1", "P4", enhanced="|||AL|AL"))
+        assert check_ack("E1", accept)[1] == "CA"
+        application = client.receive()
+        assert check_ack("E1", application)[1] == "AA"
+    finally:
+        client.close()
+
+
+def test_garbage_and_oversize_never_hang(daemon):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", daemon.port("ehr")), timeout=10) as sock:
+        sock.sendall(b"random bytes outside any frame\x00\xff" * 10)
+        sock.sendall(b"\x0bthis is not hl7\x1c\x0d")
+        data = sock.recv(65536)
+        assert b"MSA|AR" in data
+    status, detail = daemon.health()
+    assert status == 200 and detail["status"] == "ready"
+
+
+def test_corpus_every_message_answered(daemon, sqlite_path, corpus_dir):
+    """Every corpus message gets an ACK echoing its control id; AA means stored."""
+    client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=15)
+    answered = 0
+    try:
+        for path in sorted(corpus_dir.glob("*.hl7")):
+            for raw in split_messages(path.read_bytes()):
+                try:
+                    control_id = parse(raw).control_id
+                except Exception:  # noqa: BLE001 - unparseable ones must still be answered
+                    control_id = None
+                reply = client.send(raw)
+                answered += 1
+                ack = parse(reply)
+                code = ack.first("MSA").value(1)
+                if code == "CA":  # enhanced mode: committed; the application ACK may follow
+                    wanted = parse(raw).application_ack_type.upper() or "AL"
+                    if wanted == "AL":
+                        application = parse(client.receive())
+                        assert application.first("MSA").value(1) in ("AA", "AE"), path.name
+                        assert application.first("MSA").value(2) == control_id
+                    elif wanted in ("ER", "SU"):
+                        client.sock.settimeout(2)
+                        try:
+                            client.receive()
+                        except OSError:
+                            pass
+                        client.sock.settimeout(15)
+                    code = "AA"
+                assert code in ("AA", "AR", "AE", "CR"), (path.name, code)
+                if control_id:
+                    assert ack.first("MSA").value(2) == control_id, path.name
+                if code == "AA":
+                    assert db_rows(sqlite_path, "select 1 from inbound_messages where control_id=?", control_id), path.name
+                else:
+                    assert ack.segments_named("ERR"), path.name
+    finally:
+        client.close()
+    assert answered >= 130
+    wait_until(lambda: not db_rows(sqlite_path, "select 1 from inbound_messages where status='received'"), timeout=60)
+    parked = db_rows(sqlite_path, "select control_id, error from inbound_messages where status='parked'")
+    for _cid, error in parked:
+        assert error, "a parked message says why"
+    # privacy: no patient data from the corpus in the daemon's logs
+    log_text = daemon.logs()
+    for name in ("EVERYWOMAN", "Everywoman", "SMITH^JOHN", "19620320"):
+        assert name not in log_text
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path, sqlite_path):
+    process = DaemonProcess(DaemonConfig(tmp_path, f"sqlite:///{sqlite_path}")).start()
+    client = MLLPClient("127.0.0.1", process.port("ehr"), timeout=10)
+    acked = []
+    try:
+        for n in range(50):
+            ok, _code, _ = check_ack(f"T{n}", client.send(siu(f"T{n}", f"PT{n}", mrn=f"M{n}")))
+            if ok:
+                acked.append(f"T{n}")
+    finally:
+        client.close()
+    started = time.monotonic()
+    assert process.terminate(30) == 0
+    assert time.monotonic() - started < 15
+    stored = {row[0] for row in db_rows(sqlite_path, "select control_id from inbound_messages")}
+    assert set(acked) <= stored
+    lines = [line for line in process.logs().splitlines() if line.startswith("{")]
+    assert any('"stopped"' in line for line in lines)
+    assert all(re.match(r"^\{.*\}$", line) for line in lines)
