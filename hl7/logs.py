@@ -258,6 +258,7 @@ class _JsonLineFormatter(JsonFormatter):
     def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
         context: dict[str, Any] = {}
         super().add_fields(context, record, message_dict)
+        context.pop("message", None)  # the default format's field; written as "event"
         created = datetime.fromtimestamp(record.created, timezone.utc)
         log_data["timestamp"] = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         log_data["level"] = record.levelname

@@ -32,6 +32,9 @@ class DaemonConfig:
     clinic: bool = True
 
     def write(self) -> Path:
+        """Write the file once; a restarted daemon reuses it (and its ports)."""
+        if getattr(self, "path", None):
+            return self.path
         self.http_port = free_port()
         lines = [
             "[database]", f'url = "{self.database_url}"', "",
@@ -51,9 +54,9 @@ class DaemonConfig:
                 lines.append(f"{key} = {json.dumps(value)}")
             lines.append(f'listen = "127.0.0.1:{feed["port"]}"')
             lines.append("")
-        path = self.directory / "slotengine.toml"
-        path.write_text("\n".join(lines) + "\n" + self.extra)
-        return path
+        self.path = self.directory / "slotengine.toml"
+        self.path.write_text("\n".join(lines) + "\n" + self.extra)
+        return self.path
 
 
 class DaemonProcess:
