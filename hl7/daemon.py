@@ -141,7 +141,7 @@ class Daemon:
             detail["queue_depth"] = depth
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             detail["database"] = f"unavailable: {type(exc).__name__}"
-        storage_ok = self.store.last_failure is None
+        storage_ok = self.store.last_failure is None or self.store.probe()
         detail["storage"] = "ok" if storage_ok else f"failing: {self.store.last_failure}"
         if self.processor.last_error:
             detail["processing"] = f"failing: {self.processor.last_error}"

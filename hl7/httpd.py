@@ -90,7 +90,7 @@ class HttpEndpoint:
         url = urlsplit(target)
         query = dict(parse_qsl(url.query))
         if method == "GET" and url.path == "/healthz":
-            ok, detail = self.health()
+            ok, detail = await asyncio.get_running_loop().run_in_executor(None, self.health)
             return (200 if ok else 503), "application/json", json.dumps(detail).encode()
         if method == "GET" and url.path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics()
