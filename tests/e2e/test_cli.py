@@ -1,0 +1,116 @@
+"""The ``slotengine`` command line, run as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.daemon import REPO, DaemonConfig, DaemonProcess
+from tests.e2e.test_daemon import db_rows, siu, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def slotengine(*args: str, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "hl7.cli", *args], capture_output=True, text=True,
+                            cwd=cwd, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"slotengine {' '.join(args)} -> {result.returncode}\n{result.stderr}")
+    return result
+
+
+def test_check_config_names_file_line_and_key(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[database]\nurl = "sqlite:///x.db"\n\n[[feeds]]\nname = "ehr"\nlisten = "nowhere"\ncolour = 1\n')
+    result = slotengine("check-config", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{config}:6: feeds[0].listen" in result.stderr
+    assert f"{config}:7: feeds[0].colour: unknown key" in result.stderr
+    serve = slotengine("serve", "--config", str(config), check=False)
+    assert serve.returncode == 2 and "feeds[0].listen" in serve.stderr and "Traceback" not in serve.stderr
+
+
+def test_demo_configuration_is_valid():
+    result = slotengine("check-config")
+    assert "OK" in result.stdout
+
+
+def test_daemon_refuses_an_old_schema(tmp_path):
+    from engine.db import make_engine
+    from engine.schema import upgrade
+
+    db = tmp_path / "old.db"
+    engine = make_engine(f"sqlite:///{db}")
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+    engine.dispose()
+    process = DaemonProcess(DaemonConfig(tmp_path, f"sqlite:///{db}", clinic=False))
+    with pytest.raises(RuntimeError) as failure:
+        process.start()
+    assert "Run: slotengine db upgrade" in str(failure.value)
+
+
+def test_sqlite_file_is_private(tmp_path):
+    db = tmp_path / "private.db"
+    process = DaemonProcess(DaemonConfig(tmp_path, f"sqlite:///{db}", clinic=False)).start()
+    process.stop()
+    mode = stat.S_IMODE(os.stat(db).st_mode)
+    assert mode == 0o600, oct(mode)
+
+
+def test_operator_commands_end_to_end(tmp_path):
+    db = tmp_path / "ops.db"
+    config = DaemonConfig(tmp_path, f"sqlite:///{db}")
+    daemon = DaemonProcess(config).start()
+    try:
+        good = tmp_path / "good.hl7"
+        good.write_bytes(siu("OP1", "POP1", mrn="OPS1").replace(b"\r", b"\n") + b"\n" +
+                         siu("OP2", "POP2", mrn="OPS2").replace(b"\r", b"\n"))
+        sent = slotengine("send", "--port", str(daemon.port("ehr")), str(good))
+        assert sent.stdout.count("ok ") == 2
+        bad = tmp_path / "bad.hl7"
+        bad.write_bytes(b"MSH|^~\\&|EPIC|NORTHCLINIC|SE|SE|20260302||SIU^S12|OP3|P|2.5.1\rPID|1||X^^^N^MR\r")
+        strict = slotengine("send", "--port", str(daemon.port("ehr")), str(bad), "--json")
+        assert json.loads(strict.stdout)["code"] == "AA"  # stored; applying it will fail
+        wait_until(lambda: db_rows(db, "select 1 from inbound_messages where control_id='OP3' and status='parked'"))
+        unreachable = slotengine("send", "--port", "1", str(good), check=False)
+        assert unreachable.returncode == 1 and "cannot connect" in unreachable.stderr
+    finally:
+        daemon.stop()
+
+    common = ["--config", str(config.path)]
+    listing = slotengine("messages", "list", "--status", "parked", "--json", *common)
+    parked = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert [m["control_id"] for m in parked] == ["OP3"] and "SCH" in parked[0]["error"]
+    shown = json.loads(slotengine("messages", "show", str(parked[0]["id"]), "--json", *common).stdout)
+    assert shown["raw"].startswith("MSH|")
+    slotengine("messages", "replay", str(parked[0]["id"]), "--operator", "alice", *common)
+    assert db_rows(db, "select actor, action from audit where action='message_replayed'") == [("operator:alice", "message_replayed")]
+
+    appointments = [json.loads(line) for line in
+                    slotengine("appointments", "list", "--json", *common).stdout.splitlines()]
+    assert {a["placer_id"] for a in appointments} >= {"POP1^EPIC", "POP2^EPIC"} or \
+        {a["placer_id"] for a in appointments} >= {"POP1", "POP2"}
+    assert all(a["hl7_status"] == "Booked" for a in appointments)
+    # 09:00 at -0500 is 10:00 clinic time: New York is on daylight time since March 8
+    assert appointments[0]["local_start"].startswith("2026-03-10T10:00:00-04:00")
+
+    patient = json.loads(slotengine("patients", "show", "OPS1", "--json", *common).stdout)
+    assert patient["identifiers"][0]["value"] == "OPS1"
+    missing = slotengine("patients", "show", "NOPE", *common, check=False)
+    assert missing.returncode == 1 and "no patient" in missing.stderr
+
+    slots = [json.loads(line) for line in slotengine(
+        "slots", "find", "--provider", "DRSMITH", "--type", "new_patient", "--from", "2027-01-04", "--json",
+        *common).stdout.splitlines()]
+    assert slots and all(s["provider"] == "DRSMITH" for s in slots)
+    table = slotengine("slots", "find", "--specialty", "cardiology", "--gender", "F", "--from", "2027-01-04", *common)
+    assert "LOCAL_START" in table.stdout
+    unknown = slotengine("slots", "find", "--provider", "DRWHO", *common, check=False)
+    assert unknown.returncode == 1 and "unknown provider" in unknown.stderr
