@@ -30,6 +30,7 @@ class DaemonConfig:
     extra: str = ""
     plugins_disabled: tuple[str, ...] = ("eligibility", "referrals", "reminders", "waitlist_fill", "instructions", "notices", "channels")
     clinic: bool = True
+    log_level: str = "INFO"
 
     def write(self) -> Path:
         """Write the file once; a restarted daemon reuses it (and its ports)."""
@@ -40,7 +41,7 @@ class DaemonConfig:
             "[database]", f'url = "{self.database_url}"', "",
             "[clinic]", f'data = "{REPO / "config" / "demo-clinic.toml"}"' if self.clinic else "",
             'timezone = "America/New_York"', "",
-            "[logging]", 'level = "INFO"', "",
+            "[logging]", f'level = "{self.log_level}"', "",
             "[http]", f'listen = "127.0.0.1:{self.http_port}"', "",
             "[shutdown]", "grace_seconds = 5", "",
             "[plugins]", f"disabled = {json.dumps(list(self.plugins_disabled))}", "",
