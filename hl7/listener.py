@@ -210,6 +210,8 @@ class Listener:
             problems = [exc.detail]
         sender = f"{message.sending_application}^{message.sending_facility}" if message else "?^?"
         control_id = message.control_id if message and message.control_id else ""
+        log.debug("message received", extra={"feed": feed.name, "control_id": control_id,
+                                             "message_type": _type_of(message), "bytes": len(raw)})
         if not problems and not feed.allows_sender(message.sending_application, message.sending_facility):
             problems = [ErrorDetail("MSH", 1, 3, 0, "207", "E",
                                     f"sending application/facility {sender} is not allowed on feed {feed.name}")]

@@ -390,7 +390,7 @@ def ei(identifier: Optional[str], namespace: str = "") -> Any:
 
 
 def msh(settings: OutboundSettings, message_type: Sequence[str], control_id: str, now: datetime, *,
-        receiving_application: str = "", receiving_facility: str = "") -> tuple[str, Fields]:
+        receiving_application: Any = "", receiving_facility: Any = "") -> tuple[str, Fields]:
     return ("MSH", {3: settings.application, 4: settings.facility or None, 5: receiving_application or None,
                     6: receiving_facility or None, 7: format_dtm(now), 9: list(message_type), 10: control_id,
                     11: "P", 12: settings.version, 18: "UNICODE UTF-8"})
