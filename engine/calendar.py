@@ -7,6 +7,8 @@ that spans the gap is an hour shorter; on a fall-back day an hour longer.  A
 local start that does not exist (inside the gap) is read with the offset in
 force before the change (PEP 495 ``fold=0``), i.e. it moves forward by the
 gap; an ambiguous one (inside the repeated hour) means its first occurrence.
+Slots whose local start falls outside the window as the wall clock reads it
+are left out (see ``day_slots``).
 """
 from __future__ import annotations
 
@@ -46,14 +48,21 @@ def day_slots(day: date, start: time, end: time, slot_minutes: int, tz: str) -> 
     # A window ending at 00:00 means midnight at the end of the day.
     end_day = day + timedelta(days=1) if end <= start else day
     window_end = local_to_utc(end_day, end, tz)
+    # The window as the wall clock reads it: a slot is kept only if its local start
+    # lies inside.  Otherwise a window opening inside a fall-back day's repeated
+    # hour would get slots before its opening time (01:00 the second time round,
+    # for a 01:05 opening), and one closing inside a spring-forward gap would run
+    # past the next day's opening.
+    opens, closes = datetime.combine(day, start), datetime.combine(end_day, end)
     length = timedelta(minutes=slot_minutes)
     slots = []
     cursor = window_start
     while cursor + length <= window_end:
         local = cursor.astimezone(zone(tz))
-        slots.append(
-            SlotTime(cursor, cursor + length, local.weekday(), local.hour * 60 + local.minute)
-        )
+        if opens <= local.replace(tzinfo=None) < closes:
+            slots.append(
+                SlotTime(cursor, cursor + length, local.weekday(), local.hour * 60 + local.minute)
+            )
         cursor += length
     return slots
 
@@ -79,9 +88,15 @@ def expand(
         day += timedelta(days=1)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_UNIT = timedelta(minutes=UNIT_MINUTES)
+
+
 def units(start: datetime, end: datetime) -> range:
-    """The 5-minute units an interval touches: [floor(start), ceil(end))."""
-    seconds = UNIT_MINUTES * 60
-    first = int(start.timestamp()) // seconds
-    last = -(-int(end.timestamp()) // seconds)
+    """The 5-minute units an interval touches: [floor(start), ceil(end)).
+
+    Exact integer arithmetic on timedeltas: truncating to whole seconds first
+    would let an end with a fraction of a second past a unit miss that unit."""
+    first = (start - _EPOCH) // _UNIT
+    last = -((_EPOCH - end) // _UNIT)
     return range(first, last)

@@ -6,11 +6,29 @@ may accept fewer arguments than its spec (pluggy passes only the ones it
 names), and specs only ever grow by new arguments, so a plugin written today
 keeps working.
 
-How a failing plugin is treated is decided per hook by ``engine.plugins.PluginHost``
-and written in each docstring under "If it raises".
+Every hook is offered ``context``: the running engine's
+``engine.jobs.JobContext`` (``context.scheduler``, ``context.session_factory``,
+``context.clock``, ``context.plugins``, ``context.metrics``,
+``context.channels``, ``context.settings`` — every plugin's settings section by
+plugin name — and ``context.state``, a dict where a plugin keeps what it
+parsed from its settings under its own name).  It is ``None`` only before
+``slotengine_configure`` has run (a bare ``PluginHost`` in a unit test).
+
+The host calls implementations one at a time, in pluggy's order (``tryfirst``
+first, then the most recently registered, built-ins — registered last and
+mostly ``trylast`` — at the end), so one raising plugin never silently stops
+the others.  How a failure is treated is decided per hook by
+``engine.plugin_host.PluginHost`` and written in each docstring under "If it
+raises"; every failure is logged with the plugin's name and counted in
+``slotengine_plugin_errors_total{plugin, hook}``.  Hook wrappers
+(``wrapper=True``) are refused at registration for that reason.
+
+``docs/plugins.md`` documents each hook with an example; a test checks that
+it carries every signature below and that every hook has a test.
 """
 from __future__ import annotations
 
+from datetime import date
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pluggy
@@ -18,42 +36,101 @@ import pluggy
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from engine.models import Appointment, Patient
+    from engine.jobs import JobContext
+    from engine.models import Appointment, Coverage, Patient, Slot, WaitlistEntry
     from engine.requests import Candidate, Change, SlotQuery
 
 PROJECT = "slotengine"
 hookspec = pluggy.HookspecMarker(PROJECT)
 
+#: The shape of an HTTP handler registered with ``slotengine_register_http_routes``.
+HttpHandler = Callable[[bytes, "dict[str, str]", "dict[str, str]"], "tuple[int, dict[str, Any]]"]
+
+
+# --- lifecycle and registration ----------------------------------------------
+
 
 @hookspec
-def slotengine_configure(settings: dict[str, Any], context: Any) -> None:
-    """Called once at start-up, and again on reload (SIGHUP), with this
-    plugin's own configuration section (``[plugins.<name>]``, ``{}`` when
-    absent) and the running engine's context (``context.scheduler``,
-    ``context.clock``, ``context.session_factory``).
+def slotengine_configure(settings: dict[str, Any], context: "JobContext") -> None:
+    """Called once at start-up (and again on reload) before anything else,
+    with this plugin's own configuration section (``[plugins.<name>]``, ``{}``
+    when absent) and the engine context.  Validate the settings and keep what
+    you parsed in ``context.state[<your name>]``.
 
     Results: ignored.  If it raises: start-up stops with the plugin named (a
-    misconfigured plugin must not run half-configured); on reload the old
-    settings stay.
+    misconfigured plugin must not run half-configured).
     """
 
 
 @hookspec
-def slotengine_register_jobs(register: Callable[..., None]) -> None:
-    """Register timed jobs: ``register(job_id, func, seconds=N)`` where
-    ``func(context)`` runs in a worker thread every N seconds.  Jobs are sweeps:
-    claim due rows, act, mark them done in the same transaction.
+def slotengine_register_jobs(register: Callable[..., None], context: "JobContext") -> None:
+    """Register timed jobs, at start-up, after ``slotengine_configure``:
+    ``register(job_id, func, *, seconds=None, cron=None, at_start=False,
+    misfire_grace_time=None)`` where ``func(context)`` runs in a worker thread
+    (or on the event loop when it is a coroutine function) every ``seconds``,
+    or on a ``cron`` dict (APScheduler ``CronTrigger`` fields, e.g.
+    ``{"hour": 2}``).  Job ids are fixed (prefix them with your plugin's
+    name); each run is recorded in ``job_runs`` and in
+    ``slotengine_job_runs_total``.  Jobs are sweeps: claim due rows with
+    ``engine.jobs.claim_due``, act, mark them done in the same transaction.
+
+    Results: ignored.  If it raises (or registers an id twice): start-up stops
+    with the plugin named.
+    """
+
+
+@hookspec
+def slotengine_register_channels(register: Callable[[str, Any], None], context: "JobContext") -> None:
+    """Register message channels, at start-up, after ``slotengine_configure``:
+    ``register(name, channel)`` where ``channel.send(message: dict) -> None``
+    delivers one message (keys ``to``, ``subject``, ``text``, ``html``
+    (optional), ``id``, ``kind``, ``language``) and raises on failure so the
+    sweep retries it; a channel may also offer ``send_many(messages) ->
+    list[Exception | None]`` to deliver a batch over one connection.  The
+    first registration of a name wins and later ones are ignored (logged):
+    vendors are called before the built-ins (``trylast``), so a vendor's
+    ``sms`` channel replaces the built-in webhook.
 
     Results: ignored.  If it raises: start-up stops with the plugin named.
     """
 
 
 @hookspec
+def slotengine_register_http_routes(
+    register: Callable[[str, str, "HttpHandler"], None], context: "JobContext"
+) -> None:
+    """Register HTTP endpoints served by the daemon's HTTP server:
+    ``register(method, path, handler)`` with ``handler(body: bytes, headers:
+    dict[str, str], query: dict[str, str]) -> tuple[int, dict]`` (status code
+    and a JSON-serialisable body).  Header names arrive lower-cased.  The
+    daemon serves them under its HTTP endpoint and requires, for anything but
+    ``GET``, either ``Authorization: Bearer <token>`` or ``X-Slotengine-Signature:
+    sha256=<hex HMAC-SHA256 of the body>`` (see ``engine.signing``); ``GET``
+    routes are served without authentication, so never return patient data
+    from one.  A handler must still check whatever identifies the caller's
+    subject (a signed reply token).
+    Handlers run in a worker thread; open a unit of work for database access.
+
+    Results: ``PluginHost.http_routes()`` lists them.  If it raises, or two
+    plugins register the same method and path: start-up stops with the plugin
+    named.
+    """
+
+
+# --- booking ------------------------------------------------------------------
+
+
+@hookspec
 def slotengine_check_booking(
-    session: "Session", appointment: "Appointment", patient: Optional["Patient"], action: str
+    session: "Session",
+    appointment: "Appointment",
+    patient: Optional["Patient"],
+    action: str,
+    context: "JobContext",
 ) -> Optional[dict[str, str]]:
     """Judge a booking before it is committed (``action`` is ``book``,
-    ``hold``, ``reschedule`` or ``confirm``), inside its transaction.
+    ``hold``, ``reschedule`` or ``confirm``), inside its transaction: the
+    appointment already has its time, provider and location.
 
     Return ``None`` to allow, ``{"decision": "veto", "reason": ...}`` to refuse
     it (the caller gets ``BookingVetoed``), or ``{"decision": "review",
@@ -61,71 +138,133 @@ def slotengine_check_booking(
     review (eligibility problems).  Every plugin is asked; the strongest
     answer wins (veto > review > allow).
 
-    If it raises: fails closed — the booking is held for staff review with the
-    plugin named as the reason.
+    If it raises, or returns something else: fails closed — the booking is
+    held for staff review with the plugin named as the reason.
+    """
+
+
+@hookspec(firstresult=True)
+def slotengine_verify_coverage(
+    session: "Session",
+    appointment: "Appointment",
+    patient: "Patient",
+    coverages: "list[Coverage]",
+    service_date: date,
+    context: "JobContext",
+) -> Optional[dict[str, Any]]:
+    """Verify the patient's insurance for one appointment on ``service_date``
+    (clinic-local date of service), at booking and again before the visit.
+    ``coverages`` are the patient's coverages, primary first.
+
+    Return ``{"outcome": "eligible" | "ineligible" | "unknown", "findings":
+    [str, ...], "copay": float | None, "coverage_id": int | None, "source":
+    str}``.  Stops at the first non-None result: a clearinghouse plugin
+    answers before the built-in payer rules (``eligibility``, ``trylast``).
+    Anything but ``eligible`` holds the booking for staff review.
+
+    If it raises: fails closed — the outcome is ``error`` and the booking is
+    held for staff review.
     """
 
 
 @hookspec
-def slotengine_score_slot(candidate: "Candidate", query: "SlotQuery") -> Optional[float]:
-    """Score a free-slot candidate; higher ranks first.  Scores of all plugins
-    are summed; the default ordering (earliest first) breaks ties.
+def slotengine_score_slot(candidate: "Candidate", query: "SlotQuery", context: "JobContext") -> Optional[float]:
+    """Score a free-slot candidate in ``Scheduler.free_slots``; higher ranks
+    first.  Scores of all plugins are summed; the default ordering (earliest
+    first) breaks ties.
 
     If it raises: that plugin's score counts as 0 and the error is logged.
     """
 
 
-@hookspec
-def slotengine_schedule_changed(session: "Session", change: "Change") -> None:
-    """Inside the transaction of a change to the schedule: write follow-up
-    work (outbox messages, reminders to plan) so it commits or rolls back with
-    the change itself.
+# --- after a change ----------------------------------------------------------
 
-    If it raises: the plugin's work is rolled back to a savepoint and logged;
-    the change itself still commits (a reminder plan must not cancel a
-    booking).
+
+@hookspec
+def slotengine_schedule_changed(session: "Session", change: "Change", context: "JobContext") -> None:
+    """Inside the transaction of a change to the schedule (booked, held,
+    rescheduled, cancelled, no_show, completed, slots_opened, waitlisted, …):
+    write follow-up work (reminders, notices, tasks) so it commits or rolls
+    back with the change itself.
+
+    Results: ignored.  If it raises: the plugin's work is rolled back to a
+    savepoint and logged; the change itself still commits (a reminder plan
+    must not cancel a booking).
     """
 
 
 @hookspec
-def slotengine_after_change(change: "Change") -> None:
-    """After a change has committed: notify staff, billing, waitlists.
-    Runs outside any transaction; open your own unit of work if needed.
+def slotengine_after_change(change: "Change", context: "JobContext") -> None:
+    """After a change has committed: react quickly (offer a freed slot to
+    the waitlist now rather than at the next sweep).  Runs outside any
+    transaction; open your own unit of work.  Do durable work in
+    ``slotengine_schedule_changed`` and only speed it up here: a crash
+    between commit and this call loses the call.
 
-    If it raises: logged with the plugin's name; other plugins still run
-    (notifications fail open).
+    Results: ignored.  If it raises: logged with the plugin's name; other
+    plugins still run (notifications fail open).
     """
+
+
+@hookspec
+def slotengine_staff_notice(session: "Session", notice: dict[str, Any], context: "JobContext") -> None:
+    """Tell staff something, inside the caller's transaction.  ``notice`` has
+    ``team`` (``front_desk``, ``billing``, ``interpreters``, ``referrals``…),
+    ``subject``, ``text``, and optionally ``appointment_id``, ``patient_id``,
+    ``address`` (send there instead of the team's address).  The built-in
+    ``notices`` plugin turns it into an outbox row for the team's channel.
+    Plugins send notices with ``context.plugins.staff_notice(session, notice)``.
+
+    Results: ignored; every plugin is called.  If it raises: its work is
+    rolled back to a savepoint and logged; the caller's work still commits.
+    """
+
+
+# --- patients -----------------------------------------------------------------
 
 
 @hookspec
 def slotengine_patient_instructions(
-    appointment: "Appointment", location_code: str
+    session: "Session", appointment: "Appointment", location_code: str, language: str, context: "JobContext"
 ) -> Optional[list[str]]:
     """Return instruction lines for a patient (where to go, what to bring,
-    how to prepare) for confirmations and reminders.  Lists of all plugins
-    are concatenated in plugin order.
+    how to prepare) for confirmations and reminders, in ``language`` (``en``,
+    ``es``…, the language the message is written in).  Read what you need
+    through ``session`` (the caller's; never open a second one meanwhile: on
+    SQLite it would wait for the caller's write lock).  Lists of all plugins
+    are concatenated in call order (vendors first, the built-in
+    ``instructions`` plugin last).
 
     If it raises: logged; the other plugins' lines are still used.
     """
 
 
 @hookspec
-def slotengine_register_channels(register: Callable[[str, Any], None]) -> None:
-    """Register message channels: ``register(name, channel)`` where
-    ``channel.send(message: dict) -> None`` delivers a reminder or notice
-    (e-mail, SMS, voice…) and raises on failure so the sweep retries.
+def slotengine_route_referral(
+    session: "Session", referral: dict[str, Any], context: "JobContext"
+) -> Optional[dict[str, Any]]:
+    """Route a referral (``id``, ``patient_id``, ``specialty``, ``urgency``,
+    ``payer_id``, ``language``, ``location_id``, ``referring_provider``) to a
+    specialist.  Return ``{"provider_id": ..., "slot_id": ...}`` to book that
+    slot, ``{"provider_id": ..., "waitlist": True}`` (provider optional) to
+    put the patient on the waitlist, or ``{"unroutable": "why"}``.  Stops at
+    the first non-None result; the built-in ``referrals`` router is
+    ``trylast``.
 
-    If it raises: start-up stops with the plugin named.
+    Search with ``context.scheduler.within(session).free_slots(...)`` so the
+    search joins the caller's transaction.
+
+    If it raises: logged, and the next plugin is asked.
     """
 
 
 @hookspec
-def slotengine_route_referral(
-    session: "Session", referral: dict[str, Any]
-) -> Optional[dict[str, Any]]:
-    """Route a referral (patient, specialty, urgency, payer) to a provider.
-    Stops at the first non-None result: ``{"provider_id": ..., "slot_id":
-    ...}`` or ``{"waitlist": True}``.
+def slotengine_score_waitlist_entry(
+    entry: "WaitlistEntry", slot: "Slot", context: "JobContext"
+) -> Optional[float]:
+    """Score how well a waitlisted patient fits a freed slot; higher is
+    offered first.  Scores of all plugins are added to the built-in ranking
+    (urgency, days waiting, fit of type, duration, provider, preferences).
 
-    If it raises: logged, and the next plugin is asked.
+    If it raises: that plugin's score counts as 0 and the error is logged.
     """

@@ -45,6 +45,10 @@ class Metrics:
         self.job_runs = Counter(
             "slotengine_job_runs_total", "Timed job runs", ["job", "outcome"], registry=r
         )
+        self.outbox_messages = Counter(
+            "slotengine_outbox_messages_total", "Outbox items handled by channel sweeps",
+            ["channel", "kind", "outcome"], registry=r,
+        )
         self.storage_failures = Counter(
             "slotengine_storage_failures_total", "Messages that could not be stored", ["feed"], registry=r
         )

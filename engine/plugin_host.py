@@ -3,7 +3,9 @@
 Core code never touches ``pm.hook`` directly: pluggy stops at the first
 exception, and each of our hooks needs its own failure policy (eligibility
 fails closed, notifications fail open), so implementations are called one by
-one here, timed, and their errors logged and counted with the plugin's name.
+one here, in pluggy's order, timed, and their errors logged and counted with
+the plugin's name.  Every call is offered the engine context (``context``,
+set by ``configure``), so hook implementations need no module globals.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import importlib
 import logging
 import time
 from dataclasses import dataclass
+from datetime import date
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import pluggy
 
@@ -24,7 +27,7 @@ from engine.plugin import ENTRY_POINT_GROUP
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from engine.models import Appointment, Patient
+    from engine.models import Appointment, Coverage, Patient, Slot, WaitlistEntry
     from engine.requests import Candidate, Change, SlotQuery
 
 log = logging.getLogger("slotengine.plugins")
@@ -37,19 +40,31 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("waitlist_fill", "plugins.waitlist_fill"),
     ("instructions", "plugins.instructions"),
     ("notices", "plugins.notices"),
+    ("channels", "plugins.channels"),
 )
 
 
 class PluginError(Exception):
-    """A plugin could not be loaded or configured; names the plugin."""
+    """A plugin could not be loaded, registered or configured; names the plugin."""
+
+    def __init__(self, message: str, plugin: str = ""):
+        self.plugin = plugin
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
 class PluginInfo:
+    """One row of ``slotengine plugins list``."""
+
     name: str
-    origin: str  # "builtin", or "entry point <dist> <version>"
+    origin: str  # "builtin", "entry point (<dist> <version>)" or "given"
     module: str
     hooks: tuple[str, ...]
+    enabled: bool = True
+
+    def as_row(self) -> dict[str, Any]:
+        return {"name": self.name, "origin": self.origin, "module": self.module,
+                "hooks": list(self.hooks), "enabled": self.enabled}
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,19 @@ class Decision:
     decision: str  # allow | review | veto
     reason: str = ""
     plugin: str = ""
+
+
+@dataclass(frozen=True)
+class JobRegistration:
+    """A job as a plugin registered it with ``slotengine_register_jobs``."""
+
+    plugin: str
+    job_id: str
+    func: Callable[..., Any]
+    seconds: Optional[float] = None
+    cron: Optional[dict[str, Any]] = None
+    at_start: bool = False
+    misfire_grace_time: Optional[int] = None
 
 
 _STRENGTH = {"allow": 0, "review": 1, "veto": 2}
@@ -75,44 +103,69 @@ class PluginHost:
         self.metrics = metrics or Metrics()
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.context: Any = None
         self._origins: dict[str, str] = {}
+        self._disabled_known: dict[str, tuple[str, str]] = {}  # name -> (origin, module)
+        self._routes: Optional[list[tuple[str, str, Callable, str]]] = None
         self.disabled = frozenset(disabled)
         for name in self.disabled:
             self.pm.set_blocked(name)
         if discover:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
+                dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
+                origin = f"entry point ({dist})"
                 if ep.name in self.disabled:
+                    self._disabled_known[ep.name] = (origin, ep.value)
                     continue
                 try:
                     module = ep.load()
                 except Exception as exc:  # noqa: BLE001 - name the plugin, then stop
-                    raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
-                dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
-                self._register(ep.name, module, f"entry point ({dist})")
+                    raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}", ep.name) from exc
+                self._register(ep.name, module, origin)
         for name, module_name in builtins:
-            if name in self.disabled or self.pm.has_plugin(name):
+            if name in self.disabled:
+                self._disabled_known[name] = ("builtin", module_name)
+                continue
+            if self.pm.has_plugin(name):
+                log.info("a plugin replaces the built-in of the same name", extra={"plugin": name})
                 continue
             self._register(name, importlib.import_module(module_name), "builtin")
         for name, plugin in extra:
-            if name not in self.disabled:
-                self._register(name, plugin, "given")
+            if name in self.disabled:
+                self._disabled_known[name] = ("given", getattr(plugin, "__name__", type(plugin).__name__))
+                continue
+            self._register(name, plugin, "given")
+        unknown = self.disabled - set(self._disabled_known)
+        if unknown:
+            log.warning("disabled plugins not found", extra={"plugins": sorted(unknown)})
+        self.unknown_disabled = frozenset(unknown)
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {exc.plugin_name!r}: {exc}") from exc
+            name = self.pm.get_name(exc.plugin) or "?"
+            raise PluginError(f"plugin {name!r}: {exc}", name) from exc
 
     def _register(self, name: str, plugin: object, origin: str) -> None:
         try:
             self.pm.register(plugin, name=name)
         except ValueError as exc:
-            raise PluginError(f"plugin {name!r} registered twice: {exc}") from exc
+            raise PluginError(f"plugin {name!r} registered twice: {exc}", name) from exc
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {name!r}: {exc}") from exc
+            raise PluginError(f"plugin {name!r}: {exc}", name) from exc
+        for caller in self.pm.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper):
+                    self.pm.unregister(plugin)
+                    raise PluginError(
+                        f"plugin {name!r}: {caller.name} is a hook wrapper; slotengine calls implementations "
+                        "one by one to apply each hook's failure policy, so wrappers are not supported", name)
         self._origins[name] = origin
 
     # --- introspection -------------------------------------------------------
 
     def plugins(self) -> list[PluginInfo]:
+        """Every plugin known to this host, enabled or disabled by config, by name:
+        the rows of ``slotengine plugins list``."""
         infos = []
         for name, plugin in self.pm.list_name_plugin():
             if plugin is None:
@@ -120,55 +173,170 @@ class PluginHost:
             hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
             module = getattr(plugin, "__name__", type(plugin).__module__)
             infos.append(PluginInfo(name, self._origins.get(name, "?"), module, hooks))
+        for name, (origin, module) in self._disabled_known.items():
+            infos.append(PluginInfo(name, origin, module, (), enabled=False))
         return sorted(infos, key=lambda info: info.name)
+
+    def plugin_rows(self) -> list[dict[str, Any]]:
+        """``plugins()`` as plain dicts (name, origin, module, hooks, enabled)."""
+        return [info.as_row() for info in self.plugins()]
 
     def get(self, name: str) -> object | None:
         return self.pm.get_plugin(name)
 
     # --- calling -------------------------------------------------------------
 
-    def _each(self, hook_name: str, kwargs: dict[str, Any]):
+    def _impls(self, hook_name: str):
+        """Implementations in pluggy's call order: tryfirst, newest first, trylast."""
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+
+    def _failed(self, plugin: str, hook_name: str, exc: BaseException) -> None:
+        self.metrics.plugin_errors.labels(plugin, hook_name).inc()
+        log.error(
+            "plugin hook raised",
+            exc_info=exc,
+            extra={"plugin": plugin, "hook": hook_name, "error": type(exc).__name__},
+        )
+
+    def _each(self, hook_name: str, kwargs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         """Yield (plugin name, result or exception) for each implementation."""
-        hook = getattr(self.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):
+        kwargs = {"context": self.context, **kwargs}
+        for impl in self._impls(hook_name):
             args = [kwargs[name] for name in impl.argnames]
             started = time.perf_counter()
             try:
                 result = impl.function(*args)
             except Exception as exc:  # noqa: BLE001 - policy applied by the caller
-                self.metrics.plugin_errors.labels(impl.plugin_name, hook_name).inc()
-                log.error(
-                    "plugin hook raised",
-                    exc_info=True,
-                    extra={"plugin": impl.plugin_name, "hook": hook_name, "error": type(exc).__name__},
-                )
-                yield impl.plugin_name, exc
+                self._failed(impl.plugin_name, hook_name, exc)
+                outcome: Any = exc
             else:
-                yield impl.plugin_name, result
+                outcome = result
+            finally:
+                self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
+                    time.perf_counter() - started
+                )
+            yield impl.plugin_name, outcome
+
+    def _each_in_savepoint(self, session: "Session", hook_name: str, kwargs: dict[str, Any]) -> None:
+        """Call every implementation in its own savepoint; a failure undoes only its own work."""
+        kwargs = {"context": self.context, "session": session, **kwargs}
+        for impl in self._impls(hook_name):
+            started = time.perf_counter()
+            savepoint = session.begin_nested()
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - fail open, keep the caller's work
+                savepoint.rollback()
+                self._failed(impl.plugin_name, hook_name, exc)
+            else:
+                savepoint.commit()
             finally:
                 self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
                     time.perf_counter() - started
                 )
 
+    # --- lifecycle and registration -------------------------------------------
+
     def configure(self, settings_by_plugin: dict[str, dict[str, Any]], context: Any) -> None:
-        """Give each plugin its own settings section; a plugin that refuses them stops start-up."""
-        hook = self.pm.hook.slotengine_configure
-        for impl in reversed(hook.get_hookimpls()):
-            kwargs = {"settings": dict(settings_by_plugin.get(impl.plugin_name, {})), "context": context}
+        """Give each plugin its own settings section; a plugin that refuses them stops start-up.
+
+        ``context`` is then offered to every later hook call."""
+        self.context = context
+        self._routes = None
+        for impl in self._impls("slotengine_configure"):
+            kwargs = {"settings": dict(settings_by_plugin.get(impl.plugin_name, {}) or {}), "context": context}
             try:
                 impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception as exc:  # noqa: BLE001 - name the plugin, then stop
-                raise PluginError(f"plugin {impl.plugin_name!r} could not be configured: {exc}") from exc
+                self._failed(impl.plugin_name, "slotengine_configure", exc)
+                raise PluginError(f"plugin {impl.plugin_name!r} could not be configured: {exc}",
+                                  impl.plugin_name) from exc
+
+    def _register_each(self, hook_name: str, what: str, make_register: Callable[[str], Callable]) -> None:
+        for impl in self._impls(hook_name):
+            kwargs = {"register": make_register(impl.plugin_name), "context": self.context}
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except PluginError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - name the plugin, then stop
+                self._failed(impl.plugin_name, hook_name, exc)
+                raise PluginError(f"plugin {impl.plugin_name!r} failed to register {what}: {exc}",
+                                  impl.plugin_name) from exc
+
+    def job_registrations(self) -> list[JobRegistration]:
+        """Every job the plugins register (``slotengine_register_jobs``); ids must be unique."""
+        jobs: dict[str, JobRegistration] = {}
+
+        def make_register(plugin: str):
+            def register(job_id: str, func: Callable[..., Any], *, seconds: Optional[float] = None,
+                         cron: Optional[dict[str, Any]] = None, at_start: bool = False,
+                         misfire_grace_time: Optional[int] = None) -> None:
+                if job_id in jobs:
+                    raise PluginError(f"plugin {plugin!r} registered job {job_id!r}, already registered by "
+                                      f"{jobs[job_id].plugin!r}", plugin)
+                if (seconds is None) == (cron is None):
+                    raise PluginError(f"plugin {plugin!r}: job {job_id!r} needs seconds= or cron=", plugin)
+                jobs[job_id] = JobRegistration(plugin, job_id, func, seconds, cron, at_start, misfire_grace_time)
+            return register
+
+        self._register_each("slotengine_register_jobs", "its jobs", make_register)
+        return list(jobs.values())
 
     def register_jobs(self, register: Callable[..., None]) -> None:
-        for plugin, outcome in self._each("slotengine_register_jobs", {"register": register}):
-            if isinstance(outcome, Exception):
-                raise PluginError(f"plugin {plugin!r} failed to register its jobs: {outcome}") from outcome
+        """Pass every plugin's jobs to ``register(job_id, func, **options)``."""
+        for job in self.job_registrations():
+            register(job.job_id, job.func, seconds=job.seconds, cron=job.cron, at_start=job.at_start,
+                     misfire_grace_time=job.misfire_grace_time)
+
+    def channels(self) -> dict[str, Any]:
+        """Message channels by name (``slotengine_register_channels``); the first registration wins."""
+        channels: dict[str, Any] = {}
+
+        def make_register(plugin: str):
+            def register(name: str, channel: Any) -> None:
+                if not callable(getattr(channel, "send", None)):
+                    raise PluginError(f"plugin {plugin!r}: channel {name!r} has no send(message) method", plugin)
+                if name in channels:
+                    log.info("channel already registered; ignored", extra={"plugin": plugin, "channel": name})
+                    return
+                channels[name] = channel
+            return register
+
+        self._register_each("slotengine_register_channels", "channels", make_register)
+        return channels
 
     def register_channels(self, register: Callable[[str, Any], None]) -> None:
-        for plugin, outcome in self._each("slotengine_register_channels", {"register": register}):
-            if isinstance(outcome, Exception):
-                raise PluginError(f"plugin {plugin!r} failed to register channels: {outcome}") from outcome
+        for name, channel in self.channels().items():
+            register(name, channel)
+
+    def http_routes(self) -> list[tuple[str, str, Callable[[bytes, dict[str, str], dict[str, str]], tuple[int, dict]], str]]:
+        """``(method, path, handler, plugin_name)`` for every route the plugins register.
+
+        Computed once per ``configure``; two plugins claiming one method and path
+        stop start-up."""
+        if self._routes is not None:
+            return list(self._routes)
+        routes: dict[tuple[str, str], tuple[str, str, Callable, str]] = {}
+
+        def make_register(plugin: str):
+            def register(method: str, path: str, handler: Callable) -> None:
+                key = (method.upper(), path)
+                if not path.startswith("/"):
+                    raise PluginError(f"plugin {plugin!r}: route path {path!r} must start with /", plugin)
+                if not callable(handler):
+                    raise PluginError(f"plugin {plugin!r}: handler for {method} {path} is not callable", plugin)
+                if key in routes:
+                    raise PluginError(f"plugin {plugin!r}: {method.upper()} {path} is already served by "
+                                      f"{routes[key][3]!r}", plugin)
+                routes[key] = (method.upper(), path, handler, plugin)
+            return register
+
+        self._register_each("slotengine_register_http_routes", "HTTP routes", make_register)
+        self._routes = sorted(routes.values(), key=lambda r: (r[1], r[0]))
+        return list(self._routes)
+
+    # --- booking ----------------------------------------------------------------
 
     def check_booking(
         self, session: "Session", appointment: "Appointment", patient: Optional["Patient"], action: str
@@ -190,57 +358,95 @@ class PluginHost:
                 strongest = decision
         return strongest
 
+    def verify_coverage(self, session: "Session", appointment: "Appointment", patient: "Patient",
+                        coverages: "list[Coverage]", service_date: date) -> dict[str, Any]:
+        """The first plugin's verdict; fails closed (``outcome: error``) when one raises or none answers."""
+        kwargs = {"session": session, "appointment": appointment, "patient": patient,
+                  "coverages": coverages, "service_date": service_date}
+        for plugin, outcome in self._each("slotengine_verify_coverage", kwargs):
+            if isinstance(outcome, Exception):
+                return {"outcome": "error", "findings": [f"{plugin} could not verify coverage ({type(outcome).__name__})"],
+                        "copay": None, "coverage_id": None, "source": plugin}
+            if isinstance(outcome, dict):
+                result = {"findings": [], "copay": None, "coverage_id": None, **outcome}
+                result.setdefault("source", plugin)
+                if result.get("outcome") not in ("eligible", "ineligible", "unknown"):
+                    self.metrics.plugin_errors.labels(plugin, "slotengine_verify_coverage").inc()
+                    return {**result, "outcome": "error",
+                            "findings": [f"{plugin} returned an unusable outcome {result.get('outcome')!r}"]}
+                return result
+            if outcome is not None:
+                self.metrics.plugin_errors.labels(plugin, "slotengine_verify_coverage").inc()
+                return {"outcome": "error", "findings": [f"{plugin} returned an unusable answer"],
+                        "copay": None, "coverage_id": None, "source": plugin}
+        return {"outcome": "unknown", "findings": ["no plugin verifies coverage"], "copay": None,
+                "coverage_id": None, "source": ""}
+
     def score(self, candidate: "Candidate", query: "SlotQuery") -> float:
+        return self._sum("slotengine_score_slot", {"candidate": candidate, "query": query})
+
+    def _sum(self, hook_name: str, kwargs: dict[str, Any]) -> float:
         total = 0.0
-        for plugin, outcome in self._each("slotengine_score_slot", {"candidate": candidate, "query": query}):
+        for plugin, outcome in self._each(hook_name, kwargs):
             if isinstance(outcome, (int, float)) and not isinstance(outcome, bool):
                 total += float(outcome)
             elif outcome is not None and not isinstance(outcome, Exception):
-                log.error("plugin returned a non-numeric slot score", extra={"plugin": plugin})
-                self.metrics.plugin_errors.labels(plugin, "slotengine_score_slot").inc()
+                log.error("plugin returned a non-numeric score", extra={"plugin": plugin, "hook": hook_name})
+                self.metrics.plugin_errors.labels(plugin, hook_name).inc()
         return total
 
     @property
     def has_scorers(self) -> bool:
         return bool(self.pm.hook.slotengine_score_slot.get_hookimpls())
 
+    @property
+    def has_booking_checks(self) -> bool:
+        """Whether any plugin judges bookings (the engine then loads the patient for it)."""
+        return bool(self.pm.hook.slotengine_check_booking.get_hookimpls())
+
+    # --- after a change -----------------------------------------------------------
+
     def schedule_changed(self, session: "Session", change: "Change") -> None:
-        hook = self.pm.hook.slotengine_schedule_changed
-        for impl in reversed(hook.get_hookimpls()):
-            kwargs = {"session": session, "change": change}
-            started = time.perf_counter()
-            savepoint = session.begin_nested()
-            try:
-                impl.function(*[kwargs[name] for name in impl.argnames])
-            except Exception as exc:  # noqa: BLE001 - fail open, keep the change
-                savepoint.rollback()
-                self.metrics.plugin_errors.labels(impl.plugin_name, hook.name).inc()
-                log.error(
-                    "plugin hook raised",
-                    exc_info=True,
-                    extra={"plugin": impl.plugin_name, "hook": hook.name, "error": type(exc).__name__},
-                )
-            else:
-                savepoint.commit()
-            finally:
-                self.metrics.plugin_seconds.labels(impl.plugin_name, hook.name).observe(
-                    time.perf_counter() - started
-                )
+        self._each_in_savepoint(session, "slotengine_schedule_changed", {"change": change})
 
     def after_change(self, change: "Change") -> None:
         for _plugin, _outcome in self._each("slotengine_after_change", {"change": change}):
             pass  # failures are logged and counted by _each; notifications fail open
 
-    def patient_instructions(self, appointment: "Appointment", location_code: str) -> list[str]:
+    def staff_notice(self, session: "Session", notice: dict[str, Any]) -> None:
+        """Tell staff (``team``, ``subject``, ``text``…) inside the caller's transaction."""
+        if not self.pm.hook.slotengine_staff_notice.get_hookimpls():
+            log.warning("staff notice with no plugin to deliver it",
+                        extra={"team": notice.get("team"), "subject": notice.get("subject")})
+            return
+        self._each_in_savepoint(session, "slotengine_staff_notice", {"notice": notice})
+
+    # --- patients -------------------------------------------------------------------
+
+    def patient_instructions(self, appointment: "Appointment", location_code: str, language: str = "en",
+                             session: Optional["Session"] = None) -> list[str]:
+        """Every plugin's lines, concatenated; ``session`` defaults to the appointment's own."""
         lines: list[str] = []
-        kwargs = {"appointment": appointment, "location_code": location_code}
+        if session is None:
+            from sqlalchemy.orm import object_session  # noqa: PLC0415 - only needed here
+            from sqlalchemy.orm.exc import UnmappedInstanceError  # noqa: PLC0415
+
+            try:
+                session = object_session(appointment)
+            except UnmappedInstanceError:
+                session = None
+        kwargs = {"session": session, "appointment": appointment, "location_code": location_code,
+                  "language": language}
         for _plugin, outcome in self._each("slotengine_patient_instructions", kwargs):
             if isinstance(outcome, list):
                 lines.extend(str(line) for line in outcome)
         return lines
 
     def route_referral(self, session: "Session", referral: dict[str, Any]) -> Optional[dict[str, Any]]:
-        for _plugin, outcome in self._each("slotengine_route_referral", {"session": session, "referral": referral}):
+        for plugin, outcome in self._each("slotengine_route_referral", {"session": session, "referral": referral}):
             if isinstance(outcome, dict):
-                return outcome
+                return {**outcome, "plugin": plugin}
         return None
+
+    def score_waitlist_entry(self, entry: "WaitlistEntry", slot: "Slot") -> float:
+        return self._sum("slotengine_score_waitlist_entry", {"entry": entry, "slot": slot})

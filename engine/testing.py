@@ -9,25 +9,39 @@ Installed with slotengine (entry point ``pytest11``), it gives:
 - ``slotengine_clock`` — a ``ManualClock`` at Monday 2026-03-02 07:00 UTC;
 - ``slotengine_plugins`` — the plugin host (override it to register yours);
 - ``slotengine_scheduler`` — a ``Scheduler`` on all of the above, with a small
-  clinic (``DEMO_CLINIC``) loaded and two weeks of slots generated.
+  clinic (``DEMO_CLINIC``) loaded and two weeks of slots generated;
+- ``slotengine_plugin_settings`` — settings by plugin name (override it);
+- ``slotengine_context`` — the running engine's ``JobContext``: plugins
+  configured with those settings, channels registered (what every hook gets
+  as ``context``);
+- ``slotengine_jobs`` — run any registered job by id, synchronously, exactly
+  as the daemon's scheduler would (``JobRun`` row, metrics);
+- ``slotengine_routes`` — call the plugins' HTTP routes without a server;
+- ``slotengine_patient`` — a factory: ``slotengine_patient("MRN7", email=...)``.
 
 Example for a vendor::
 
     import pytest
-    from engine.plugin_host import PluginHost
+    from engine.jobs import JobContext, collect_jobs, make_context, run_job
+from engine.plugin_host import PluginHost
+from engine.requests import Actor, Identifier, PatientRecord
 
     @pytest.fixture
     def slotengine_plugins():
         return PluginHost(builtins=(), discover=False, extra=[("acme", acme_plugin)])
 
     def test_acme_vetoes_mri(slotengine_scheduler): ...
+
+    def test_acme_sweep(slotengine_context, slotengine_jobs):
+        assert slotengine_jobs.run("acme.sweep").startswith("ok")
 """
 from __future__ import annotations
 
 import os
 import secrets
 from datetime import date, datetime, timedelta, timezone
-from typing import Iterator
+import json
+from typing import Any, Callable, Iterator
 
 import pytest
 from sqlalchemy import text
@@ -35,7 +49,9 @@ from sqlalchemy import text
 from engine.clinic import load_clinic_data
 from engine.clock import ManualClock
 from engine.db import make_engine, make_session_factory
+from engine.jobs import JobContext, collect_jobs, make_context, run_job
 from engine.plugin_host import PluginHost
+from engine.requests import Actor, Identifier, PatientRecord
 from engine.schema import upgrade
 from engine.service import EngineSettings, Scheduler
 
@@ -146,3 +162,64 @@ def slotengine_scheduler(slotengine_session_factory, slotengine_plugins, sloteng
 
 def first_of(day: date, weekday: int) -> date:
     return day + timedelta(days=(weekday - day.weekday()) % 7)
+
+
+@pytest.fixture
+def slotengine_plugin_settings() -> dict[str, dict[str, Any]]:
+    """Settings by plugin name, as in the ``[plugins.<name>]`` config sections."""
+    return {}
+
+
+@pytest.fixture
+def slotengine_context(slotengine_scheduler, slotengine_plugin_settings) -> JobContext:
+    return make_context(slotengine_scheduler, plugin_settings=slotengine_plugin_settings)
+
+
+class JobRunner:
+    """Runs registered jobs by id, synchronously, as the daemon's scheduler would."""
+
+    def __init__(self, context: JobContext):
+        self.context = context
+        self.jobs = {job.job_id: job for job in collect_jobs(context)}
+
+    def ids(self) -> list[str]:
+        return sorted(self.jobs)
+
+    def run(self, job_id: str) -> str:
+        """Run once; returns the recorded outcome (``ok: ...`` or ``error: ...``)."""
+        return run_job(self.context, self.jobs[job_id])
+
+
+@pytest.fixture
+def slotengine_jobs(slotengine_context) -> JobRunner:
+    return JobRunner(slotengine_context)
+
+
+class RouteCaller:
+    """Calls the plugins' HTTP handlers directly (no server, no authentication)."""
+
+    def __init__(self, context: JobContext):
+        self.routes = {(method, path): handler for method, path, handler, _plugin in context.plugins.http_routes()}
+
+    def __call__(self, method: str, path: str, json_body: Any = None, *, body: bytes = b"",
+                 headers: dict[str, str] | None = None, query: dict[str, str] | None = None) -> tuple[int, dict]:
+        handler = self.routes[(method.upper(), path)]
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+        return handler(body, {k.lower(): v for k, v in (headers or {}).items()}, dict(query or {}))
+
+
+@pytest.fixture
+def slotengine_routes(slotengine_context) -> RouteCaller:
+    return RouteCaller(slotengine_context)
+
+
+@pytest.fixture
+def slotengine_patient(slotengine_scheduler) -> Callable[..., Any]:
+    """``slotengine_patient(mrn="MRN1", **fields)`` registers (or updates) a patient."""
+    def make(mrn: str = "MRN1", **fields: Any):
+        fields.setdefault("family_name", "Doe")
+        fields.setdefault("given_name", "Jane")
+        record = PatientRecord(identifiers=[Identifier(mrn, "HOSP", "MR")], **fields)
+        return slotengine_scheduler.register_patient(record, Actor("operator", "pytest"))
+    return make

@@ -288,11 +288,10 @@ def cmd_plugins_list(args) -> int:
     from engine.plugin_host import PluginHost
 
     config = _load(args)
-    host = PluginHost(disabled=config.plugins.disabled)
-    rows = [{"name": p.name, "origin": p.origin, "module": p.module, "hooks": ", ".join(p.hooks)} for p in host.plugins()]
-    for name in sorted(config.plugins.disabled):
-        rows.append({"name": name, "origin": "disabled by configuration", "module": "", "hooks": ""})
-    _emit(rows, args.json, ["name", "origin", "module", "hooks"])
+    rows = PluginHost(disabled=config.plugins.disabled).plugin_rows()
+    for row in rows:
+        row["hooks"] = ", ".join(row["hooks"]) if isinstance(row["hooks"], (list, tuple)) else row["hooks"]
+    _emit(rows, args.json, ["name", "enabled", "origin", "module", "hooks"])
     return 0
 
 

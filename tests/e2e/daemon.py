@@ -28,7 +28,7 @@ class DaemonConfig:
     database_url: str
     feeds: list[dict] = field(default_factory=lambda: [{"name": "ehr", "mode": "mirror"}])
     extra: str = ""
-    plugins_disabled: tuple[str, ...] = ("eligibility", "referrals", "reminders", "waitlist_fill", "instructions", "notices", "channels")
+    plugins_disabled: tuple[str, ...] = ()
     clinic: bool = True
     log_level: str = "INFO"
 

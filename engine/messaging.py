@@ -1,0 +1,128 @@
+"""Helpers for plugins that write to patients: which channel, which address,
+clinic-local times in the patient's language, quiet hours.
+
+Minimum necessary: nothing here ever puts the appointment's reason, a
+diagnosis or the provider's specialty into a message; SMS and voice carry the
+date and time and how to answer, no more.
+"""
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from sqlalchemy import select
+
+from engine.calendar import zone
+from engine.models import Appointment, Location, Patient, PatientIdentifier
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+#: Channels that reach a patient, and the patient field each needs.
+PATIENT_CHANNELS = ("email", "sms", "voice")
+
+_WEEKDAYS = {
+    "en": ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"),
+    "es": ("lun", "mar", "mié", "jue", "vie", "sáb", "dom"),
+}
+_MONTHS = {
+    "en": ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"),
+    "es": ("ene", "feb", "mar", "abr", "may", "jun", "jul", "ago", "sep", "oct", "nov", "dic"),
+}
+
+
+def mobile_number(phones: Optional[list[dict[str, str]]]) -> str:
+    """The patient's mobile number (``use`` CP/mobile first), else the first number."""
+    phones = [p for p in (phones or []) if isinstance(p, dict) and p.get("number")]
+    for phone in phones:
+        if str(phone.get("use", "")).upper() in ("CP", "MOBILE", "ORN", "PRN") or str(phone.get("type", "")).upper() == "CP":
+            return phone["number"]
+    return phones[0]["number"] if phones else ""
+
+
+def address_for(patient, channel: str) -> str:
+    if channel == "email":
+        return patient.email or ""
+    if channel in ("sms", "voice"):
+        return mobile_number(patient.phones)
+    return ""
+
+
+def choose_channel(patient, available: Iterable[str], fallback_order: Iterable[str] = PATIENT_CHANNELS) -> Optional[tuple[str, str]]:
+    """``(channel, address)``: the patient's preferred channel when it is available and
+    they have an address for it, else the first of ``fallback_order`` that works."""
+    available = set(available)
+    order = [patient.preferred_channel] if patient.preferred_channel else []
+    order += [c for c in fallback_order if c not in order]
+    for channel in order:
+        if channel in available:
+            address = address_for(patient, channel)
+            if address:
+                return channel, address
+    return None
+
+
+def language_of(patient, known: Iterable[str]) -> str:
+    """The patient's language (``es``, ``es-MX``, ``spa``…) if we have text for it, else ``en``."""
+    code = (patient.language or "").strip().lower().replace("_", "-")
+    known = set(known)
+    aliases = {"spa": "es", "eng": "en", "spanish": "es", "english": "en"}
+    for candidate in (code, code.split("-")[0], aliases.get(code, "")):
+        if candidate in known:
+            return candidate
+    return "en"
+
+
+def local_when(instant: datetime, tz: str, language: str = "en") -> str:
+    """``Tue 3 Mar 09:00`` in the clinic's zone."""
+    local = instant.astimezone(zone(tz))
+    weekdays = _WEEKDAYS.get(language, _WEEKDAYS["en"])
+    months = _MONTHS.get(language, _MONTHS["en"])
+    return f"{weekdays[local.weekday()]} {local.day} {months[local.month - 1]} {local:%H:%M}"
+
+
+def in_quiet_hours(instant: datetime, tz: str, quiet_start: time, quiet_end: time) -> bool:
+    local = instant.astimezone(zone(tz)).time()
+    if quiet_start == quiet_end:
+        return False
+    if quiet_start < quiet_end:
+        return quiet_start <= local < quiet_end
+    return local >= quiet_start or local < quiet_end
+
+
+def outside_quiet_hours(due: datetime, tz: str, quiet_start: time, quiet_end: time, *,
+                        not_after: Optional[datetime] = None, not_before: Optional[datetime] = None) -> Optional[datetime]:
+    """Move ``due`` out of the clinic's quiet hours.
+
+    Forward to the end of the quiet period when that is still no later than
+    ``not_after`` (e.g. the visit minus the minimum lead time); otherwise back
+    to just before the quiet period began, if that is not earlier than
+    ``not_before`` (now).  ``None`` when neither works."""
+    if not in_quiet_hours(due, tz, quiet_start, quiet_end):
+        return due
+    tzinfo = zone(tz)
+    local = due.astimezone(tzinfo)
+    end_day = local.date() if local.time() < quiet_end else local.date() + timedelta(days=1)
+    forward = datetime.combine(end_day, quiet_end, tzinfo=tzinfo).astimezone(due.tzinfo)
+    if not_after is None or forward <= not_after:
+        return forward
+    start_day = local.date() if local.time() >= quiet_start else local.date() - timedelta(days=1)
+    backward = (datetime.combine(start_day, quiet_start, tzinfo=tzinfo) - timedelta(minutes=5)).astimezone(due.tzinfo)
+    if not_before is None or backward >= not_before:
+        return backward
+    return None
+
+
+def describe_for_staff(session: Session, appointment: Appointment) -> str:
+    """``appointment 12 for Doe, Jane (MR 123) on Tue 3 Mar 09:00 at Main Street Clinic`` (staff only)."""
+    location = session.get(Location, appointment.location_id) if appointment.location_id else None
+    tz = location.timezone if location else "UTC"
+    local = appointment.start.astimezone(zone(tz))
+    who = ""
+    if appointment.patient_id:
+        patient = session.get(Patient, appointment.patient_id)
+        mrn = session.scalar(select(PatientIdentifier.value).where(
+            PatientIdentifier.patient_id == patient.id, PatientIdentifier.type_code == "MR").limit(1)) or ""
+        who = f" for {patient.family_name}, {patient.given_name}" + (f" (MR {mrn})" if mrn else "")
+    where = f" at {location.name}" if location else ""
+    return f"appointment {appointment.id}{who} on {local:%a %d %b %Y %H:%M %Z}{where}"
