@@ -13,9 +13,10 @@ import asyncio
 import logging
 import signal
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from prometheus_client import generate_latest
 from sqlalchemy import func, select, text
@@ -23,6 +24,7 @@ from sqlalchemy import func, select, text
 from engine.clinic import load_clinic
 from engine.clock import SystemClock
 from engine.db import make_engine, make_session_factory
+from engine.errors import SchedulingError
 from engine.jobs import build_job_scheduler, make_context
 from engine.metrics import Metrics
 from engine.models import InboundMessage
@@ -53,21 +55,48 @@ def engine_settings(config: Config) -> EngineSettings:
     )
 
 
-def prepare_database(url: str, pool_size: int = 5):
-    """Open the database; create the schema in an empty one, refuse an old one."""
+STARTUP_LOCK = 0x510_7E61  # PostgreSQL advisory lock: one node migrates and loads the clinic at a time
+
+
+@contextmanager
+def exclusive_startup(engine) -> Iterator[None]:
+    """Serialise start-up work between daemons sharing one PostgreSQL database
+    (SQLite's single writer already does)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": STARTUP_LOCK})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": STARTUP_LOCK})
+            connection.commit()
+
+
+def prepare_database(url: str, pool_size: int = 5, clinic_data: Optional[Path] = None):
+    """Open the database; create the schema in an empty one, refuse an old one;
+    load the clinic's calendars."""
     engine = make_engine(url, pool_size=pool_size)
     try:
-        if current_revision(engine) is None:
-            with engine.connect() as connection:
-                has_tables = engine.dialect.has_table(connection, "appointments")
-            if has_tables:
-                raise SchemaOutOfDate(None, "head")
-            upgrade(engine)
-        ensure_current(engine)
+        with exclusive_startup(engine):
+            if current_revision(engine) is None:
+                with engine.connect() as connection:
+                    has_tables = engine.dialect.has_table(connection, "appointments")
+                if has_tables:
+                    raise SchemaOutOfDate(None, "head")
+                upgrade(engine)
+            ensure_current(engine)
+            if clinic_data:
+                with make_session_factory(engine)() as session, session.begin():
+                    counts = load_clinic(session, clinic_data)
+                log.info("clinic data loaded", extra=counts)
     except SchemaOutOfDate as exc:
         engine.dispose()
         raise StartupError(str(exc)) from None
-    except StartupError:
+    except (StartupError, SchedulingError):
+        engine.dispose()
         raise
     except Exception as exc:
         engine.dispose()
@@ -89,12 +118,8 @@ class Daemon:
 
     def _start_engine(self) -> None:
         config = self.config
-        self.engine = prepare_database(config.database.url, config.database.pool_size)
+        self.engine = prepare_database(config.database.url, config.database.pool_size, config.clinic.data)
         self.sessions = make_session_factory(self.engine)
-        if config.clinic.data:
-            with self.sessions() as session, session.begin():
-                counts = load_clinic(session, Path(config.clinic.data))
-            log.info("clinic data loaded", extra=counts)
         self.plugins = PluginHost(disabled=config.plugins.disabled, metrics=self.metrics)
         self.scheduler = Scheduler(self.sessions, plugins=self.plugins, clock=self.clock,
                                    settings=engine_settings(config))
