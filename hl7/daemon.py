@@ -32,9 +32,11 @@ from engine.plugin_host import PluginHost
 from engine.schema import SchemaOutOfDate, current_revision, ensure_current, upgrade
 from engine.service import EngineSettings, Scheduler
 from hl7.config import Config, load_config
+from hl7.filler import FillerSettings
 from hl7.httpd import HttpEndpoint
 from hl7.listener import Listener, OutcomeWaiters, feed_runtime
 from hl7.logs import configure_logging, set_level
+from hl7.outbound import OutboundDispatcher, OutboundSettings, OutboundSIU
 from hl7.processor import FeedPolicy, Processor
 from hl7.store import RECEIVED, GroupCommitter, MessageStore
 
@@ -120,7 +122,10 @@ class Daemon:
         config = self.config
         self.engine = prepare_database(config.database.url, config.database.pool_size, config.clinic.data)
         self.sessions = make_session_factory(self.engine)
-        self.plugins = PluginHost(disabled=config.plugins.disabled, metrics=self.metrics)
+        self.outbound_settings = OutboundSettings(default_timezone=config.clinic.timezone)
+        self.outbound = OutboundSIU(config.destinations, self.outbound_settings)
+        extra = [("outbound_siu", self.outbound)] if config.destinations else []
+        self.plugins = PluginHost(disabled=config.plugins.disabled, metrics=self.metrics, extra=extra)
         self.scheduler = Scheduler(self.sessions, plugins=self.plugins, clock=self.clock,
                                    settings=engine_settings(config))
         self.context = make_context(self.scheduler, plugin_settings=config.plugins.settings, metrics=self.metrics)
@@ -132,10 +137,15 @@ class Daemon:
         self.committer = GroupCommitter(self.store)
         self.committer.start()
         self.waiters = OutcomeWaiters(loop)
-        policies = {feed.name: FeedPolicy(feed.mode, feed.on_error, feed.ack_when) for feed in self.config.feeds}
+        filler = FillerSettings(outbound=self.outbound_settings)
+        policies = {feed.name: FeedPolicy(feed.mode, feed.on_error, feed.ack_when, filler) for feed in self.config.feeds}
         self.processor = Processor(self.scheduler, self.store, policies, self.metrics,
                                    on_outcomes=self.waiters.resolve_threadsafe)
         self.processor.start()
+        self.dispatcher = OutboundDispatcher(self.sessions, self.config.destinations,
+                                             settings=self.outbound_settings, clock=self.clock, metrics=self.metrics)
+        self.outbound.notify = self.dispatcher.wake
+        self.dispatcher_task = loop.create_task(self.dispatcher.run(), name="outbound")
         for feed in self.config.feeds:
             listener = Listener(feed_runtime(feed), self.committer, self.store, self.waiters, self.metrics, self.clock)
             await listener.start()
@@ -168,6 +178,7 @@ class Daemon:
             detail["database"] = f"unavailable: {type(exc).__name__}"
         storage_ok = self.store.last_failure is None or self.store.probe()
         detail["storage"] = "ok" if storage_ok else f"failing: {self.store.last_failure}"
+        detail["outbound"] = self.dispatcher.status()
         if self.processor.last_error:
             detail["processing"] = f"failing: {self.processor.last_error}"
         ok = detail["database"] == "ok" and storage_ok and all(detail["listeners"].values())
@@ -229,6 +240,8 @@ class Daemon:
             pass
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.processor.stop, grace)
+        await self.dispatcher.stop(grace)
+        await self.dispatcher_task
         await self.committer.stop()
         self.engine.dispose()
         log.info("stopped")

@@ -103,7 +103,6 @@ from engine.requests import BookingRequest, Candidate, SlotQuery
 from engine.service import Scheduler
 from engine.states import Status
 from hl7.ack import Raw, build_message
-from hl7.hl7time import format_dtm
 from hl7.mapping import (
     ApplyResult,
     MappingError,
@@ -434,7 +433,8 @@ class _Request:
                     found.append((value.to_utc(tz), None))
                     break
         windows = [(s, e if e is not None and e > s else None) for s, e in found]
-        if required and not windows:
+        unreadable = any(e.detail.segment == "ARQ" and e.detail.field == 11 for e in self.errors)
+        if required and not windows and not unreadable:
             self.errors.append(_err(101, "ARQ-11 (requested start date/time range) is empty: no time to book",
                                     "ARQ", 1, 11, app="invalid_request"))
         return windows
@@ -620,11 +620,11 @@ def _existing(request: _Request) -> _Found:
     if found.appointment is None and found.waitlist is None:
         raise _Refused([_err(204, f"ARQ-1: no appointment with placer id {_ei(arq, 1)!r}", "ARQ", 1, 1,
                              app="not_found")])
-    if found.appointment is not None:
-        patient_id = request.patient_id_of_pid()
-        if patient_id is not None and patient_id != found.appointment.patient_id:
-            raise _Refused([_err(205, f"PID names patient {patient_id}; appointment {found.appointment.id} "
-                                      f"is another patient's", "PID", 1, 3, app="duplicate")])
+    if found.appointment is not None and request.message.first("PID") is not None:
+        # a patient we do not hold is not the appointment's patient either: S01 registered them by this PID
+        if request.patient_id_of_pid() != found.appointment.patient_id:
+            raise _Refused([_err(205, f"PID-3 does not name the patient of appointment {found.appointment.id}",
+                                 "PID", 1, 3, app="duplicate")])
     return found
 
 
@@ -724,7 +724,9 @@ def _taken(request: _Request, want: _Want, reasons: list[str], *, appointment_id
     described = ", ".join(local_dtm(s, tz) + (f" to {local_dtm(e, tz)}" if e else "") for s, e in want.windows)
     why = f"no free time for the request ({described})" + (f": {reasons[-1]}" if reasons else "")
     app = "patient_conflict" if reasons and all("patient:" in r for r in reasons) else "slot_unavailable"
-    if settings.when_taken == "waitlist" and patient_id is not None:
+    waitlisting = settings.when_taken == "waitlist" and patient_id is not None
+    notes = [] if waitlisting and allow_waitlist else _alternatives(request, want, tz)
+    if waitlisting:
         entry = request.scheduler.add_to_waitlist(
             patient_id=patient_id, appointment_type=want.appointment_type, duration_minutes=want.minutes or 15,
             actor=request.actor, urgency=want.urgency, provider_id=want.provider_id, location_id=want.location_id,
@@ -738,8 +740,7 @@ def _taken(request: _Request, want: _Want, reasons: list[str], *, appointment_id
                                        severity="I")],
                            waitlisted=_Waitlisted(entry.id, want.minutes or 15, first, provider, location, tz))
         return _Answer("AE", [_err(207, f"{why}; waitlisted for it (entry {entry.id})", "ARQ", 1, 11,
-                                   app=app)], appointment_id, keep=True)
-    notes = _alternatives(request, want, tz)
+                                   app=app)], appointment_id, notes=notes, keep=True)
     return _Answer("AE", [_err(207, why + ("" if notes else "; no free time nearby either"), "ARQ", 1, 11, app=app)],
                    appointment_id, notes=notes, keep=False)
 
@@ -782,8 +783,7 @@ def _new_booking(request: _Request) -> _Answer:
                              app="invalid_request")])
     found = _find(request)
     if found.appointment is not None:
-        patient_id = request.patient_id_of_pid()
-        if patient_id is not None and patient_id != found.appointment.patient_id:
+        if request.patient_id_of_pid() != found.appointment.patient_id:
             raise _Refused([_err(205, f"ARQ-1: placer id {placer!r} is appointment {found.appointment.id} of "
                                       f"another patient", "ARQ", 1, 1, app="duplicate")])
         return _state_answer(request, found.appointment.id)  # a repeated request: the same answer

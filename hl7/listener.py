@@ -20,6 +20,7 @@ from engine.metrics import Metrics
 from hl7.ack import ErrorDetail, build_ack, new_control_id
 from hl7.config import FeedConfig
 from hl7.framing import MLLPDecoder, Oversize, frame
+from hl7.filler import is_filler_request
 from hl7.mapping import is_supported
 from hl7.message import HL7ParseError, Message, check_header, parse
 from hl7.store import (
@@ -216,7 +217,10 @@ class Listener:
             problems = [ErrorDetail("MSH", 1, 3, 0, "207", "E",
                                     f"sending application/facility {sender} is not allowed on feed {feed.name}")]
         status = RECEIVED
-        if not problems and not is_supported(message.message_type, message.trigger_event, feed.mode):
+        # A placer's request (SRM, SQM) is answered with the response message, not an ACK.
+        answered = bool(not problems and feed.mode == "filler"
+                        and is_filler_request(message.message_type, message.trigger_event))
+        if not problems and not answered and not is_supported(message.message_type, message.trigger_event, feed.mode):
             if feed.unknown_types == "reject":
                 code = "200" if not is_supported(message.message_type, "", feed.mode) else "201"
                 problems = [ErrorDetail("MSH", 1, 9, 1 if code == "200" else 2, code, "E",
@@ -231,7 +235,7 @@ class Listener:
                 await self._store(Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw, REFUSED, ack),
                                   quiet=True)
             return self._acknowledged(ack, "CR" if enhanced else "AR", started)
-        immediate = feed.ack_when == "stored" or enhanced or status == SKIPPED
+        immediate = (feed.ack_when == "stored" and not answered) or enhanced or status == SKIPPED
         code = ("CA" if enhanced else "AA")
         ack = build_ack(message, code, [], control_id=new_control_id(), now=now) if immediate else None
         incoming = Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw, status, ack,

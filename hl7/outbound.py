@@ -67,6 +67,30 @@ Three parts:
 
 Operator functions for ``slotengine outbox list|show|retry|skip``:
 ``list_items``, ``show_item``, ``retry_item``, ``skip_item``.
+
+Mirror mode: asking the EHR for a change (``build_srm`` / ``queue_srm``)
+-----------------------------------------------------------------------
+When the EHR owns the schedule, a plugin must not change our copy and call
+it done; it asks the EHR with an SRM, queued in its own transaction and
+delivered by the dispatcher in order with that destination's stream::
+
+    from hl7.outbound import OutboundSettings, queue_srm
+
+    @hookimpl
+    def slotengine_schedule_changed(session, change, context):
+        if change.kind == "cancelled" and change.actor.kind != "message":  # staff cancelled here
+            queue_srm(session, change.appointment_id, "S04", "EHR", OutboundSettings(),
+                      now=context.clock.now(), reason=change.reason)
+
+For a new booking, hold the time in our copy first with a placer id of
+your own (``scheduler.within(session).hold(BookingRequest(...,
+placer_id="SE-<uuid>"))``), then ``queue_srm(session, held, "S01", "EHR",
+...)``: the EHR's SIU S12 echoes that placer id in SCH-1, so
+``hl7.mapping`` updates the held appointment instead of creating a second
+one. The EHR's SRR arrives as the acknowledgement: AA → item ``sent`` with
+the SRR in ``payload["reply"]``; AE → ``refused`` (not retried). Acting on
+the SRR (take the EHR's filler id from its SCH-2, release the hold on AE,
+tell staff) is not done here yet: a later issue closes that loop.
 """
 from __future__ import annotations
 
@@ -80,8 +104,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from engine.calendar import zone
 from engine.clock import Clock, SystemClock
@@ -323,29 +348,45 @@ def _patient_view(session: Session, patient_id: Optional[int]) -> Optional[Patie
 
 
 def appointment_view(session: Session, appointment_id: int, *, default_timezone: str = "UTC") -> AppointmentView:
-    """Read one appointment (and its patient, provider, location, resources) through ``session``."""
-    row = session.get(Appointment, appointment_id)
+    """Read one appointment (and its patient, provider, location, resources) through ``session``:
+    three statements, whatever the appointment holds."""
+    own_location = Location.__table__.alias("own_location")
+    provider_location = Location.__table__.alias("provider_location")
+    a, p, pt = Appointment.__table__, Provider.__table__, Patient.__table__
+    row = session.execute(
+        select(a.c.id, a.c.placer_id, a.c.filler_id, a.c.status, a.c.start, a.c.end, a.c.appointment_type,
+               a.c.reason, a.c.urgency, a.c.notes, a.c.source, a.c.review_reason, a.c.patient_id,
+               own_location.c.code, own_location.c.name, own_location.c.timezone, provider_location.c.timezone,
+               p.c.code, p.c.family_name, p.c.given_name,
+               pt.c.family_name, pt.c.given_name, pt.c.birth_date, pt.c.sex, pt.c.confidential)
+        .select_from(a.outerjoin(own_location, own_location.c.id == a.c.location_id)
+                     .outerjoin(p, p.c.id == a.c.provider_id)
+                     .outerjoin(provider_location, provider_location.c.id == p.c.location_id)
+                     .outerjoin(pt, pt.c.id == a.c.patient_id))
+        .where(a.c.id == appointment_id)).one_or_none()
     if row is None:
         raise LookupError(f"appointment {appointment_id} not found")
-    location, tz = _location_party(session, row.location_id)
-    provider = None
-    if row.provider_id is not None:
-        p = session.get(Provider, row.provider_id)
-        if p is not None:
-            provider = PartyView(p.code, p.family_name, p.given_name)
-            if tz is None and p.location_id is not None:
-                _loc, tz = _location_party(session, p.location_id)
+    (ident, placer_id, filler_id, status, start, end, appointment_type, reason, urgency, notes, source,
+     review_reason, patient_id, location_code, location_name, location_tz, provider_tz, provider_code,
+     provider_family, provider_given, family, given, birth_date, sex, confidential) = row
+    patient = None
+    if patient_id is not None and (family is not None or given is not None):
+        identifiers = tuple(tuple(i) for i in session.execute(
+            select(PatientIdentifier.value, PatientIdentifier.authority, PatientIdentifier.type_code)
+            .where(PatientIdentifier.patient_id == patient_id).order_by(PatientIdentifier.id)))
+        patient = PatientView(identifiers, family or "", given or "", birth_date, sex or "", bool(confidential))
     resources = tuple(
         PartyView(code, name, kind=kind) for code, name, kind in session.execute(
             select(Resource.code, Resource.name, Resource.kind)
             .join(AppointmentResource, AppointmentResource.resource_id == Resource.id)
             .where(AppointmentResource.appointment_id == appointment_id).order_by(AppointmentResource.id)))
     return AppointmentView(
-        id=row.id, placer_id=row.placer_id, filler_id=row.filler_id, status=row.status, start=row.start,
-        end=row.end, appointment_type=row.appointment_type or "general", reason=row.reason or "",
-        urgency=row.urgency or "routine", notes=row.notes or "", timezone=tz or default_timezone,
-        source=row.source or "", review_reason=row.review_reason or "",
-        patient=_patient_view(session, row.patient_id), provider=provider, location=location,
+        id=ident, placer_id=placer_id, filler_id=filler_id, status=status, start=start, end=end,
+        appointment_type=appointment_type or "general", reason=reason or "", urgency=urgency or "routine",
+        notes=notes or "", timezone=location_tz or provider_tz or default_timezone, source=source or "",
+        review_reason=review_reason or "", patient=patient,
+        provider=PartyView(provider_code, provider_family, provider_given) if provider_code else None,
+        location=PartyView(location_code, location_name) if location_code else None,
         resources=resources,
     )
 
@@ -380,6 +421,16 @@ def local_dtm(instant: datetime, tz: str) -> str:
     return format_dtm(instant.astimezone(zone(tz)))
 
 
+def comp(*parts: Any) -> Any:
+    """Components without the empty ones at the end (``R1``, not ``R1^``)."""
+    parts_list = list(parts)
+    while parts_list and parts_list[-1] in (None, ""):
+        parts_list.pop()
+    if not parts_list:
+        return None
+    return parts_list if len(parts_list) > 1 else parts_list[0]
+
+
 def ei(identifier: Optional[str], namespace: str = "") -> Any:
     """An EI field: an id we hold as ``id^namespace`` keeps its parts; a bare one gets ``namespace``."""
     if not identifier:
@@ -408,7 +459,7 @@ def _type_codes(appointment_type: str) -> tuple[str, str]:
 
 
 def patient_segment(patient: PatientView) -> tuple[str, Fields]:
-    identifiers = Repeat([value, None, None, authority or None, type_code or None]
+    identifiers = Repeat(comp(value, None, None, authority, type_code)
                          for value, authority, type_code in patient.identifiers) or None
     name: Any = [patient.family_name, patient.given_name] if (patient.family_name or patient.given_name) else NULL
     fields: Fields = {1: "1", 3: identifiers, 5: name}
@@ -466,15 +517,15 @@ def resource_segments(*, start: datetime, end: datetime, tz: str, status: Option
     ais: Segments = []
     if service is not None:
         ais.append(("AIS", {1: "1", 3: list(service), 4: when, 7: minutes, 8: "min", 10: status_ce}))
-    aig: Segments = [("AIG", {1: str(n), 3: [r.code, r.name or None], 4: [r.kind or "other"], 8: when, 11: minutes,
+    aig: Segments = [("AIG", {1: str(n), 3: comp(r.code, r.name), 4: [r.kind or "other"], 8: when, 11: minutes,
                               12: "min", 14: status_ce}) for n, r in enumerate(resources, 1)]
     ail: Segments = []
     if location is not None:
-        place = [location.code, None, None, None, None, None, None, None, location.name or None]
+        place = comp(location.code, None, None, None, None, None, None, None, location.name)
         ail.append(("AIL", {1: "1", 3: place, 6: when, 9: minutes, 10: "min", 12: status_ce}))
     aip: Segments = []
     if provider is not None:
-        aip.append(("AIP", {1: "1", 3: [provider.code, provider.name or None, provider.given or None], 6: when,
+        aip.append(("AIP", {1: "1", 3: comp(provider.code, provider.name, provider.given), 6: when,
                             9: minutes, 10: "min", 12: status_ce}))
     tail = ais + aig + (aip + ail if order == "SQR" else ail + aip)
     return [("RGS", {1: "1"})] + tail
@@ -632,6 +683,7 @@ class OutboundSIU:
         self.settings = settings
         self.clock = clock
         self.notify = notify
+        self.metrics: Optional[Metrics] = None
         self._codes: dict[tuple[type, int], str] = {}
 
     # --- hooks ----------------------------------------------------------------
@@ -641,6 +693,8 @@ class OutboundSIU:
         if change.kind not in _CHANGE_EVENTS or not self.destinations:
             return
         clock = self.clock or (context.clock if context is not None else None) or SystemClock()
+        if context is not None and getattr(context, "metrics", None) is not None:
+            self.metrics = context.metrics
         self.enqueue(session, change, now=clock.now())
 
     @hookimpl
@@ -668,7 +722,9 @@ class OutboundSIU:
             view = appointment_view(session, change.appointment_id, default_timezone=settings.default_timezone)
             if view.source == "mirror" and not settings.announce_mirrored:
                 return []
-            before = self._before(session, change)
+            filtered = any(d.providers or d.locations for d in self.destinations)
+            before = self._before(session, change) if filtered and change.from_state not in ("", "requested") \
+                else {}
             providers = {p for p in (view.provider.code if view.provider else None,
                                      self._code(session, Provider, before.get("provider_id"))) if p}
             locations = {l for l in (view.location.code if view.location else None,
@@ -680,21 +736,32 @@ class OutboundSIU:
                 continue
             if destination.locations and not locations & set(destination.locations):
                 continue
-            announced = isinstance(view, AppointmentView) and self._announced(session, channel, view.id)
+            # a destination can have heard of the appointment only if it existed before this change
+            announced = isinstance(view, AppointmentView) and change.from_state not in ("", "requested") and \
+                self._announced(session, channel, view.id)
             event = siu_event(change, view if isinstance(view, AppointmentView) else None, announced=announced)
             if change.kind in ("slots_blocked", "slots_opened"):
                 event = _CHANGE_EVENTS[change.kind]
             if event is None or (destination.events and event not in destination.events):
                 continue
             control_id = new_control_id()
-            message = build_siu(view, event, settings, control_id=control_id, now=now, destination=destination.name,
-                                reason=change.reason, entered_by=change.actor.label)
+            payload = {"control_id": control_id, "event": event, "destination": destination.name,
+                       "change": change.kind}
+            status, error = PENDING, ""
+            try:
+                payload["message"] = build_siu(view, event, settings, control_id=control_id, now=now,
+                                               destination=destination.name, reason=change.reason,
+                                               entered_by=change.actor.label).decode("utf-8")
+            except Exception as exc:  # noqa: BLE001 - a bug must not lose the notice: park it, visibly
+                status, error = PARKED, f"the SIU could not be written: {type(exc).__name__}: {exc}"[:2000]
+                log.error("outbound SIU could not be written; parked", exc_info=True,
+                          extra={"destination": destination.name, "change": change.kind, "event": event})
+                if self.metrics is not None:
+                    self.metrics.outbox_messages.labels(channel, "siu", "parked").inc()
             item = OutboxItem(
-                channel=channel, kind="siu", due_at=now, status=PENDING,
-                payload={"message": message.decode("utf-8"), "control_id": control_id, "event": event,
-                         "destination": destination.name, "change": change.kind},
+                channel=channel, kind="siu", due_at=now, status=status, payload=payload,
                 appointment_id=view.id if isinstance(view, AppointmentView) else None,
-                attempts=0, last_error="", created_at=now,
+                attempts=0, last_error=error, created_at=now,
             )
             session.add(item)
             items.append(item)
@@ -907,8 +974,7 @@ class _DestinationSender:
                 log.warning("lost the database connection holding the destination lock",
                             extra={"destination": self.destination.name})
                 self._release_leadership()
-        engine = self.dispatcher.engine
-        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        connection = self.dispatcher.lock_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
         key = zlib.crc32(f"slotengine-outbound:{self.destination.name}".encode()) - 2**31
         try:
             got = bool(connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
@@ -916,7 +982,7 @@ class _DestinationSender:
             connection.close()
             raise
         if not got:
-            connection.close()
+            connection.close()  # no lock taken: back to the pool
             return False
         self.lock_connection = connection
         log.info("serving outbound destination", extra={"destination": self.destination.name})
@@ -925,8 +991,10 @@ class _DestinationSender:
     def _release_leadership(self) -> None:
         if self.lock_connection is not None:
             try:
-                self.lock_connection.close()  # ends the session: the lock goes with it
-            except Exception:  # noqa: BLE001
+                # invalidate, not close: a pooled connection would keep its session, and the lock with it
+                self.lock_connection.invalidate()
+                self.lock_connection.close()
+            except Exception:  # noqa: BLE001 - gone already
                 pass
             self.lock_connection = None
 
@@ -1027,6 +1095,7 @@ class OutboundDispatcher:
         self.engine = session_factory.kw["bind"]
         self.postgres = self.engine.dialect.name == "postgresql"
         self.stopping = False
+        self._lock_engine = None
         self._senders: dict[str, _DestinationSender] = {}
         self._tasks: list[asyncio.Task] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -1058,7 +1127,17 @@ class OutboundDispatcher:
             for sender in self._senders.values():
                 await sender._close()
                 await asyncio.to_thread(sender._release_leadership)
+        if self._lock_engine is not None:
+            self._lock_engine.dispose()
+            self._lock_engine = None
         log.info("outbound dispatcher stopped")
+
+    def lock_engine(self):
+        """PostgreSQL: unpooled connections for the destination locks, one held per
+        destination served, so they never starve the daemon's own pool."""
+        if self._lock_engine is None:
+            self._lock_engine = create_engine(self.engine.url, poolclass=NullPool)
+        return self._lock_engine
 
     def wake(self, destination: Optional[str] = None) -> None:
         """Look for work now (callable from any thread)."""

@@ -24,6 +24,7 @@ from engine.metrics import Metrics
 from engine.models import InboundMessage
 from engine.service import Scheduler
 from hl7.ack import ErrorDetail, build_ack, new_control_id
+from hl7.filler import FillerSettings, apply_request, is_filler_request
 from hl7.mapping import MappingError, apply_message
 from hl7.message import HL7ParseError, parse
 from hl7.store import APPLIED, PARKED, RECEIVED, MessageStore
@@ -36,6 +37,7 @@ class FeedPolicy:
     mode: str = "mirror"  # mirror | filler
     on_error: str = "continue"  # continue | stop
     ack_when: str = "stored"  # stored | applied
+    filler: FillerSettings = field(default_factory=FillerSettings)
 
 
 @dataclass
@@ -171,7 +173,10 @@ class Processor:
         savepoint = session.begin_nested()
         try:
             message = parse(row.raw)
-            result = apply_message(view, message, mode=policy.mode, message_id=row.id)
+            if policy.mode == "filler" and is_filler_request(message.message_type, message.trigger_event):
+                result = apply_request(view, message, message_id=row.id, settings=policy.filler)
+            else:
+                result = apply_message(view, message, mode=policy.mode, message_id=row.id)
         except (MappingError, HL7ParseError, SchedulingError) as exc:
             savepoint.rollback()
             view._deferred.clear()
