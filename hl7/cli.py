@@ -279,7 +279,10 @@ def cmd_messages_replay(args) -> int:
     _config, sessions, scheduler = _open(args)
     actor = Actor("operator", args.operator, "cli: messages replay")
     for message_id in args.ids:
-        replay(sessions, message_id, actor, scheduler.clock.now())
+        try:
+            replay(sessions, message_id, actor, scheduler.clock.now())
+        except (LookupError, ValueError) as exc:
+            raise CliError(str(exc).strip("'\"")) from None
         print(f"message {message_id} queued for replay")
     return 0
 
@@ -302,6 +305,48 @@ def cmd_jobs_list(args) -> int:
     config, sessions, _scheduler = _open(args)
     rows = job_table(sessions, PluginHost(disabled=config.plugins.disabled))
     _emit(rows, args.json, ["id", "every_seconds", "last_started_at", "last_outcome", "runs"])
+    return 0
+
+
+def cmd_outbox_list(args) -> int:
+    from hl7.outbound import list_items
+
+    _config, sessions, _scheduler = _open(args)
+    rows = list_items(sessions, destination=args.destination, status=args.status, kind=args.kind,
+                      limit=args.limit, all_channels=args.all)
+    _emit(rows, args.json, ["id", "channel", "kind", "status", "attempts", "due_at", "last_error"])
+    return 0
+
+
+def cmd_outbox_show(args) -> int:
+    from hl7.outbound import show_item
+
+    _config, sessions, _scheduler = _open(args)
+    row = show_item(sessions, args.id)
+    if row is None:
+        raise CliError(f"no outbox item {args.id}")
+    if args.json:
+        print(json.dumps(row, default=str, ensure_ascii=False))
+    else:
+        for key, value in row.items():
+            print(f"{key:12} {value}")
+    return 0
+
+
+def cmd_outbox_retry(args) -> int:
+    from hl7.outbound import retry_item, skip_item
+
+    _config, sessions, _scheduler = _open(args)
+    for item_id in args.ids:
+        try:
+            if args.skip:
+                skip_item(sessions, item_id, operator=args.operator, reason=args.reason)
+                print(f"outbox item {item_id} skipped")
+            else:
+                retry_item(sessions, item_id, operator=args.operator)
+                print(f"outbox item {item_id} queued again")
+        except (LookupError, ValueError) as exc:
+            raise CliError(str(exc).strip("'\"")) from None
     return 0
 
 
@@ -378,6 +423,22 @@ def build_parser() -> argparse.ArgumentParser:
     replay = schedule_command(messages, "replay", "apply parked messages again", cmd_messages_replay)
     replay.add_argument("ids", type=int, nargs="+")
     replay.add_argument("--operator", default="cli", help="who is replaying (recorded in the audit trail)")
+
+    outbox = commands.add_parser("outbox", help="outbound messages (store-and-forward)").add_subparsers(
+        dest="outbox_command", required=True)
+    olist = schedule_command(outbox, "list", "list outbound messages", cmd_outbox_list, listing=True)
+    olist.add_argument("--destination")
+    olist.add_argument("--status", choices=("pending", "sent", "parked", "skipped", "refused"))
+    olist.add_argument("--kind")
+    olist.add_argument("--limit", type=int, default=50)
+    olist.add_argument("--all", action="store_true", help="also reminders and notices, not only MLLP")
+    oshow = schedule_command(outbox, "show", "show one outbound message", cmd_outbox_show, listing=True)
+    oshow.add_argument("id", type=int)
+    oretry = schedule_command(outbox, "retry", "send parked messages again (same control id)", cmd_outbox_retry)
+    oretry.add_argument("ids", type=int, nargs="+")
+    oretry.add_argument("--skip", action="store_true", help="give up on them instead (stays recorded)")
+    oretry.add_argument("--reason", default="")
+    oretry.add_argument("--operator", default="cli", help="who decides (recorded in the audit trail)")
 
     plugins = commands.add_parser("plugins", help="plugins").add_subparsers(dest="plugins_command", required=True)
     plist = plugins.add_parser("list", help="list plugins and their hooks")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -91,3 +92,8 @@ def test_placer_books_and_cancels_subscriber_hears(tmp_path):
         assert all(parse(m).first("SCH").value(2) == filler_id for m in subscriber.received[:2])
     finally:
         daemon.stop()
+    from tests.e2e.test_cli import slotengine
+
+    listed = [json.loads(line) for line in slotengine(
+        "outbox", "list", "--destination", "ris", "--json", "--config", str(daemon.config.path)).stdout.splitlines()]
+    assert len(listed) >= 2 and {row["status"] for row in listed} == {"sent"}
