@@ -10,7 +10,10 @@ set by ``configure``), so hook implementations need no module globals.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -101,6 +104,10 @@ class PluginHost:
         metrics: Optional[Metrics] = None,
     ):
         self.metrics = metrics or Metrics()
+        self._in_flight: dict[int, tuple[str, str, float]] = {}
+        self._tokens = itertools.count()
+        self._notifiers: Optional[dict[str, "_Notifier"]] = None
+        self._max_pending = 10_000
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.context: Any = None
@@ -204,6 +211,7 @@ class PluginHost:
         for impl in self._impls(hook_name):
             args = [kwargs[name] for name in impl.argnames]
             started = time.perf_counter()
+            token = self._enter(impl.plugin_name, hook_name)
             try:
                 result = impl.function(*args)
             except Exception as exc:  # noqa: BLE001 - policy applied by the caller
@@ -212,6 +220,7 @@ class PluginHost:
             else:
                 outcome = result
             finally:
+                self._in_flight.pop(token, None)
                 self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
                     time.perf_counter() - started
                 )
@@ -223,6 +232,7 @@ class PluginHost:
         for impl in self._impls(hook_name):
             started = time.perf_counter()
             savepoint = session.begin_nested()
+            token = self._enter(impl.plugin_name, hook_name)
             try:
                 impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception as exc:  # noqa: BLE001 - fail open, keep the caller's work
@@ -231,6 +241,7 @@ class PluginHost:
             else:
                 savepoint.commit()
             finally:
+                self._in_flight.pop(token, None)
                 self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
                     time.perf_counter() - started
                 )
@@ -410,8 +421,59 @@ class PluginHost:
         self._each_in_savepoint(session, "slotengine_schedule_changed", {"change": change})
 
     def after_change(self, change: "Change") -> None:
-        for _plugin, _outcome in self._each("slotengine_after_change", {"change": change}):
-            pass  # failures are logged and counted by _each; notifications fail open
+        """Tell every plugin about a committed change: inline, or — once the
+        daemon has called ``notify_in_background`` — each plugin in its own
+        worker thread, so a slow or hung plugin delays only its own notices."""
+        if self._notifiers is None:
+            for _plugin, _outcome in self._each("slotengine_after_change", {"change": change}):
+                pass  # failures are logged and counted by _each; notifications fail open
+            return
+        for impl in self._impls("slotengine_after_change"):
+            worker = self._notifiers.get(impl.plugin_name)
+            if worker is None:
+                worker = self._notifiers[impl.plugin_name] = _Notifier(self, impl.plugin_name)
+            worker.submit(change)
+
+    def notify_in_background(self, max_pending: int = 10_000) -> None:
+        self._notifiers = {}
+        self._max_pending = max_pending
+
+    def stop_notifications(self, timeout: float) -> None:
+        notifiers, self._notifiers = self._notifiers or {}, None
+        for worker in notifiers.values():
+            worker.stop(timeout)
+
+    def _notify_one(self, plugin_name: str, change: "Change") -> None:
+        for impl in self._impls("slotengine_after_change"):
+            if impl.plugin_name != plugin_name:
+                continue
+            kwargs = {"context": self.context, "change": change}
+            started = time.perf_counter()
+            token = self._enter(plugin_name, "slotengine_after_change")
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - notifications fail open
+                self._failed(plugin_name, "slotengine_after_change", exc)
+            finally:
+                self._in_flight.pop(token, None)
+                self.metrics.plugin_seconds.labels(plugin_name, "slotengine_after_change").observe(
+                    time.perf_counter() - started)
+
+    # --- watchdog ---------------------------------------------------------------
+
+    def _enter(self, plugin: str, hook: str) -> int:
+        token = next(self._tokens)
+        self._in_flight[token] = (plugin, hook, time.monotonic())
+        return token
+
+    def stuck_calls(self, longer_than: float = 10.0) -> list[dict[str, Any]]:
+        """Plugin calls running longer than ``longer_than`` seconds, for health and logs.
+
+        Python cannot stop a thread, so a plugin that blocks inside a booking
+        transaction holds that transaction until it returns; this names it."""
+        now = time.monotonic()
+        return [{"plugin": plugin, "hook": hook, "seconds": round(now - started, 1)}
+                for plugin, hook, started in list(self._in_flight.values()) if now - started > longer_than]
 
     def staff_notice(self, session: "Session", notice: dict[str, Any]) -> None:
         """Tell staff (``team``, ``subject``, ``text``…) inside the caller's transaction."""
@@ -450,3 +512,35 @@ class PluginHost:
 
     def score_waitlist_entry(self, entry: "WaitlistEntry", slot: "Slot") -> float:
         return self._sum("slotengine_score_waitlist_entry", {"entry": entry, "slot": slot})
+
+
+class _Notifier:
+    """One plugin's after-change notifications, delivered in order by one thread.
+
+    The queue is bounded: a plugin that stops consuming loses notices (logged
+    and counted) instead of growing the daemon's memory without limit."""
+
+    def __init__(self, host: PluginHost, plugin_name: str):
+        self.host, self.plugin_name = host, plugin_name
+        self.queue: "queue.Queue[Optional[Change]]" = queue.Queue(maxsize=host._max_pending)
+        self.thread = threading.Thread(target=self._run, name=f"notify-{plugin_name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, change: "Change") -> None:
+        try:
+            self.queue.put_nowait(change)
+        except queue.Full:
+            self.host.metrics.plugin_errors.labels(self.plugin_name, "slotengine_after_change").inc()
+            log.error("plugin is not keeping up with notifications; notice dropped",
+                      extra={"plugin": self.plugin_name, "change": change.kind})
+
+    def _run(self) -> None:
+        while (change := self.queue.get()) is not None:
+            self.host._notify_one(self.plugin_name, change)
+
+    def stop(self, timeout: float) -> None:
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.thread.join(timeout)

@@ -129,6 +129,7 @@ class Daemon:
         self.scheduler = Scheduler(self.sessions, plugins=self.plugins, clock=self.clock,
                                    settings=engine_settings(config))
         self.context = make_context(self.scheduler, plugin_settings=config.plugins.settings, metrics=self.metrics)
+        self.plugins.notify_in_background()
         self.store = MessageStore(self.sessions, self.metrics)
 
     async def start(self) -> None:
@@ -179,6 +180,9 @@ class Daemon:
         storage_ok = self.store.last_failure is None or self.store.probe()
         detail["storage"] = "ok" if storage_ok else f"failing: {self.store.last_failure}"
         detail["outbound"] = self.dispatcher.status()
+        stuck = self.plugins.stuck_calls()
+        if stuck:
+            detail["stuck_plugins"] = stuck
         if self.processor.last_error:
             detail["processing"] = f"failing: {self.processor.last_error}"
         ok = detail["database"] == "ok" and storage_ok and all(detail["listeners"].values())
@@ -242,6 +246,7 @@ class Daemon:
         await loop.run_in_executor(None, self.processor.stop, grace)
         await self.dispatcher.stop(grace)
         await self.dispatcher_task
+        await loop.run_in_executor(None, self.plugins.stop_notifications, 1.0)
         await self.committer.stop()
         self.engine.dispose()
         log.info("stopped")

@@ -32,16 +32,16 @@ KILLS = 10
 PROVIDERS = ["DRSMITH", "DRJONES", "DRPATEL", "DRLEE"]
 
 
-def booking(sender: int, n: int) -> bytes:
+def booking(sender: int, n: int, base: datetime = datetime(2026, 4, 1, 12, 0, tzinfo=timezone.utc)) -> bytes:
     # Each sender books its own provider, back to back, so nothing may overlap.
-    start = datetime(2026, 4, 1, 12, 0, tzinfo=timezone.utc) + timedelta(minutes=15 * n)
+    start = base + timedelta(minutes=15 * n)
     end = start + timedelta(minutes=15)
     stamp = "%Y%m%d%H%M%S+0000"
     return (
         f"MSH|^~\\&|SENDER{sender}|KILLTEST|SE|SE|20260401080000||SIU^S12^SIU_S12|K{sender}-{n}|P|2.5.1\r"
         f"SCH|K{sender}-{n}^KT|FK{sender}-{n}^KT|||||ROUTINE|NORMAL|15|min|^^15^{start:{stamp}}^{end:{stamp}}"
         f"||||||||||||||Booked\r"
-        f"PID|1||KP{sender}-{n}^^^KT^MR||Patient^Number{n}||19700101|M\r"
+        f"PID|1||KP{sender}-{n}^^^KT^MR||Patient^Number{n}||19700101|M|||||^NET^Internet^k{sender}-{n}@example.org\r"
         f"RGS|1|A\r"
         f"AIP|1|A|{PROVIDERS[sender]}^Provider|ATTENDING\r"
     ).encode()
