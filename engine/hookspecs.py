@@ -258,6 +258,38 @@ def slotengine_route_referral(
     """
 
 
+@hookspec(firstresult=True)
+def slotengine_referral_received(
+    session: "Session", referral: dict[str, Any], context: "JobContext"
+) -> Optional[int]:
+    """Record a referral that arrived (an HL7 ``REF^I12``; the service API
+    ``plugins.referrals.receive_referral`` uses the same path) inside the
+    caller's transaction, and return its id.  ``referral`` has ``patient_id``
+    and ``specialty`` (lower case, ``_`` between words: ``cardiology``,
+    ``family_medicine``) and optionally ``urgency`` (routine | urgent),
+    ``payer_id`` (``None``: the patient's primary coverage),
+    ``referring_provider``, ``referring_contact`` (an e-mail address where
+    the referrer hears back), ``reason``, ``language``, ``location_id``,
+    ``preferred_provider_id`` (the referred-to provider, when we know them),
+    ``external_id`` (the sender's referral id: a resend with the same one
+    returns the first referral's id and records nothing) and ``source``
+    (``inbound:<message id>``).  Write only through ``session`` and
+    ``context.scheduler.within(session)``: never open a second session
+    (on SQLite it would wait for the caller's write lock).  Route the referral
+    in the same transaction, or leave durable work that a sweep picks up.
+
+    Results: stops at the first non-None result, which must be an ``int``;
+    ``None`` from every plugin means no plugin handles referrals (an HL7
+    ``REF^I12`` then fails: 207).  The built-in ``referrals`` plugin answers
+    last (``trylast``).  Each implementation runs in its own savepoint.
+
+    If it raises (or returns something other than an int or None): its
+    savepoint is rolled back, the error is logged with the plugin's name and
+    raised to the caller, whose transaction fails — an HL7 message is parked
+    (error status, replayable): a referral must never be lost silently.
+    """
+
+
 @hookspec
 def slotengine_score_waitlist_entry(
     entry: "WaitlistEntry", slot: "Slot", context: "JobContext"

@@ -510,6 +510,44 @@ class PluginHost:
                 return {**outcome, "plugin": plugin}
         return None
 
+    def referral_received(self, session: "Session", referral: dict[str, Any]) -> Optional[int]:
+        """Record a referral inside the caller's transaction: the id the first
+        plugin answers with, or ``None`` when no plugin records referrals.
+
+        Each implementation runs in its own savepoint.  One that raises is
+        rolled back, logged and counted, and its exception is raised again:
+        the caller's unit of work must fail (an HL7 message is parked) rather
+        than lose the referral.  An answer that is not an int raises
+        ``PluginError`` naming the plugin."""
+        hook_name = "slotengine_referral_received"
+        kwargs = {"context": self.context, "session": session, "referral": referral}
+        for impl in self._impls(hook_name):
+            started = time.perf_counter()
+            savepoint = session.begin_nested()
+            token = self._enter(impl.plugin_name, hook_name)
+            try:
+                result = impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:
+                if savepoint.is_active:
+                    savepoint.rollback()
+                self._failed(impl.plugin_name, hook_name, exc)
+                raise
+            else:
+                if result is None or (isinstance(result, int) and not isinstance(result, bool)):
+                    savepoint.commit()
+                else:
+                    savepoint.rollback()
+                    error = PluginError(f"plugin {impl.plugin_name!r} answered {hook_name} with a "
+                                        f"{type(result).__name__}, not a referral id", impl.plugin_name)
+                    self._failed(impl.plugin_name, hook_name, error)
+                    raise error
+            finally:
+                self._in_flight.pop(token, None)
+                self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(time.perf_counter() - started)
+            if result is not None:
+                return result
+        return None
+
     def score_waitlist_entry(self, entry: "WaitlistEntry", slot: "Slot") -> float:
         return self._sum("slotengine_score_waitlist_entry", {"entry": entry, "slot": slot})
 

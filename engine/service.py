@@ -459,10 +459,11 @@ class Scheduler:
                         resources=[],
                     )  # not added: _occupy writes it once its time is claimed
                     claimed: list[int] = []
-                    seat = self._occupy(session, appointment, request, now, claimed)  # flushes the row
+                    seat = self._occupy(session, appointment, request, now, claimed)  # writes the row
                     if not appointment.filler_id:
                         filler_id = f"SE{appointment.id}"
-                        session.connection().execute(_SET_FILLER_ID, {"appointment_id": appointment.id, "new_filler_id": filler_id})
+                        session.connection().execute(
+                            _SET_FILLER_ID, {"appointment_id": appointment.id, "new_filler_id": filler_id})
                         set_committed_value(appointment, "filler_id", filler_id)
                     target = Status.HELD if hold else (Status.OVERBOOKED if seat else Status.BOOKED)
                     decision = self._check_booking(session, appointment, "hold" if hold else "book")
@@ -1292,7 +1293,7 @@ class Scheduler:
                         or any(b_start < st.end and st.start < b_end for b_start, b_end in blocks),
                     })
                 for i in range(0, len(rows), 5000):
-                    session.execute(insert(Slot), rows[i:i + 5000])
+                    session.connection().execute(insert(_SLOTS), rows[i:i + 5000])  # Core executemany, not ORM bulk
                 created += len(rows)
         return created
 
