@@ -415,9 +415,11 @@ def plan_task(session: Session, *, plugin: str, kind: str, due_at: datetime, now
         session.add(PluginTask(**values))
         return True
     module = pg_dialect if session.get_bind().dialect.name == "postgresql" else sqlite_dialect
-    result = session.execute(module.insert(PluginTask).values(**values)
-                             .on_conflict_do_nothing(index_elements=["dedupe_key"]))
-    return bool(result.rowcount)
+    # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT DO NOTHING
+    inserted = session.execute(module.insert(PluginTask).values(**values)
+                               .on_conflict_do_nothing(index_elements=["dedupe_key"])
+                               .returning(PluginTask.id)).first()
+    return inserted is not None
 
 
 def withdraw_tasks(session: Session, *, plugin: str, kinds: Iterable[str], appointment_id: int) -> int:

@@ -881,7 +881,8 @@ class Scheduler:
                 raise BookingVetoed(decision.plugin, decision.reason)
             target = Status.OVERBOOKED if seat else Status.BOOKED
             if decision.decision == "review":
-                target = Status.HELD
+                # A booked visit stays booked at its new time; staff see why it needs review
+                # (booked -> held is not a move the state machine allows).
                 appointment.review_reason = f"{decision.plugin}: {decision.reason}"
             appointment.status = target.value
             appointment.updated_at = now
