@@ -28,8 +28,12 @@ What is supported (``is_supported``)
 * SIU in mirror mode: S12–S17, S26, S23, S24. S18–S22 (changes to one
   service or resource of an appointment) are not supported: they carry a
   partial resource list that an upsert would misread.
-* Everything else (SRM/SRR/SQM/ORU…, SIU in filler mode for now, ADT^O01)
-  is unsupported; ``apply_message`` returns ``"skipped"`` for it.
+* REF^I12 (patient referral), in both modes. REF^I13 (modify) and I14
+  (cancel) are not supported: changing or withdrawing a referral that may
+  already be booked is for staff (the referrals team hears of every referral).
+* Everything else (SRM/SRR/SQM/ORU…, SIU in filler mode for now, ADT^O01,
+  REF^I11/I13/I14…) is unsupported; ``apply_message`` returns ``"skipped"``
+  for it.
 
 ADT
 ---
@@ -137,7 +141,44 @@ SIU (mirror mode: the EHR owns the schedule)
   its blocks inside the time ``unblock_time``-d (S24; nothing to open is a
   warning).
 
-Missing essential data → ``MappingError``: SIU without SCH (100 SCH^1), SCH
+REF (REF^I12: the referral path of the service API)
+---------------------------------------------------
+The referral goes to the hook ``slotengine_referral_received`` inside the
+message's transaction (``scheduler.plugins.referral_received``); the
+built-in ``referrals`` plugin records it and routes it in the same
+transaction — books the consult with an in-network specialist or puts the
+patient on the waitlist, and tells the referrer (see ``plugins.referrals``).
+No plugin recording it (``referrals`` disabled) is error 207 (MSH^1^9); a
+plugin that raises fails the message (parked).
+
+* PID (+ PD1, PV1) → ``register_patient`` as for ADT; IN1 (+ IN2) →
+  ``record_coverage`` as for ADT, and the primary IN1's payer (IN1-3.1, else
+  IN1-2.1, else IN1-4.1) is the referral's payer (no IN1: the patient's
+  primary coverage).
+* RF1-1 status (table 0283): R (rejected) or E (expired) → nothing is
+  scheduled: ``"skipped"`` with a warning (207); anything else is a referral.
+* RF1-2 priority (table 0280): S, A, STAT, ASAP, URGENT, EMERGENCY (code or
+  text) → urgent, else routine.
+* RF1-3 referral type → specialty: the text (component 2), else the code,
+  lower case with ``_`` between words (``Family Medicine`` →
+  ``family_medicine``); the candidate some provider practises wins.
+* RF1-6 originating referral identifier (EI, ``id^namespace``; else RF1-11)
+  → the referral's external id: a resend with the same id records nothing
+  new. Without one, a warning (101 RF1^1^6).
+* RF1-10 referral reason (text, else the table 0336 code in words), the DG1
+  diagnoses (DG1-3 text, else DG1-4, else the code) and every NTE-3 → the
+  referral's reason (clinical: never sent to the patient).
+* PRD with PRD-1 = RP (referring provider): PRD-2 prefix, given and family
+  name, degree and PRD-7.1 id → ``referring_provider``; the e-mail address in
+  PRD-5 (XTN use NET / type Internet / an "@") → ``referring_contact``, where
+  the referrer hears back (a phone number is not used: the referrals team's
+  channel sends e-mail by default). PRD with PRD-1 = RT (referred-to
+  provider): our provider whose code is PRD-7.1 is routed to first when in
+  network and free in the window; unknown → warning 204 (PRD^n^7), routing by
+  specialty.
+
+Missing essential data → ``MappingError``: REF without RF1 (100 RF1^1), RF1
+without a referral type (101 RF1^1^3), REF without PID (100 PID^1); SIU without SCH (100 SCH^1), SCH
 without placer and filler id (101 SCH^1^1), no start anywhere (101 TQ1^1^7,
 or SCH^1^11 when there is no TQ1), a start or end that is not a date/time
 (102 naming it), ADT without PID (100 PID^1), PID without any identifier
@@ -303,6 +344,8 @@ def is_supported(message_type: str, trigger_event: str, mode: str) -> bool:
         return re.fullmatch(r"A\d\d", trigger_event) is not None
     if message_type == "SIU" and mode == "mirror":
         return trigger_event in SIU_APPOINTMENT_EVENTS or trigger_event in SIU_BLOCK_EVENTS
+    if message_type == "REF":
+        return trigger_event in REF_EVENTS
     return False
 
 
@@ -320,6 +363,8 @@ def apply_message(scheduler: Scheduler, message: Message, *, mode: str, message_
     try:
         if message_type == "ADT":
             status = _apply_adt(ctx)
+        elif message_type == "REF":
+            status = _apply_referral(ctx)
         elif event in SIU_BLOCK_EVENTS:
             status = _apply_blocks(ctx)
         else:
@@ -1400,3 +1445,168 @@ def _apply_blocks(ctx: _Context) -> str:
                 ctx.warn(204, f"no blocked time of this {kind} lies within the opened time: nothing to open",
                          entity.seg, entity.field_)
     return "applied"
+
+
+# --- REF: patient referrals (REF^I12) --------------------------------------------------------------
+#
+# A referral is recorded through the hook ``slotengine_referral_received`` in
+# the message's transaction (the built-in ``referrals`` plugin records it and
+# routes it: books the consult or waitlists the patient, and tells the
+# referrer) — the path ``plugins.referrals.receive_referral`` takes for the
+# service API.  See the module doc, "REF".
+
+REF_EVENTS = frozenset({"I12"})
+#: RF1-2 referral priority (table 0280 and what senders write) that makes the referral urgent.
+_URGENT_PRIORITIES = frozenset({"S", "A", "STAT", "ASAP", "URGENT", "EMERGENCY"})
+#: RF1-1 referral status (table 0283) of a referral not to be scheduled.
+_CLOSED_REFERRALS = {"R": "rejected", "REJECTED": "rejected", "E": "expired", "EXPIRED": "expired"}
+#: RF1-10 referral reason (table 0336) codes in words, when the sender gives no text.
+_REFERRAL_REASONS = {"S": "second opinion", "P": "patient preference", "O": "provider ordered", "W": "work load"}
+#: PRD-1 provider roles (table 0286): code, and the role's name as senders spell it.
+_REFERRING = frozenset({"RP", "REFERRINGPROVIDER"})
+_REFERRED_TO = frozenset({"RT", "REFERREDTOPROVIDER"})
+
+
+def _specialty_code(text: str) -> str:
+    """``Family Medicine`` → ``family_medicine``: how ``Provider.specialties`` spell them."""
+    return re.sub(r"[^0-9a-z]+", "_", (text or "").lower()).strip("_")
+
+
+def _apply_referral(ctx: _Context) -> str:
+    message = ctx.message
+    rf1 = message.first("RF1")
+    if rf1 is None:
+        raise ctx.fail(100, f"REF^{ctx.event} without an RF1 segment", segment_name="RF1")
+    closed = _CLOSED_REFERRALS.get(_norm(_val(rf1, 1))) or _CLOSED_REFERRALS.get(_norm(_val(rf1, 1, 2)))
+    if closed:
+        ctx.warn(207, f"RF1-1 says the referral is {closed}: nothing is scheduled", rf1, 1)
+        return "skipped"
+    pid = message.first("PID")
+    if pid is None:
+        raise ctx.fail(100, f"REF^{ctx.event} without a PID segment", segment_name="PID")
+    specialty = _referral_specialty(ctx, rf1)
+    priorities = {_norm(_val(rf1, 2, 1)), _norm(_val(rf1, 2, 2))}
+    urgency = "urgent" if priorities & _URGENT_PRIORITIES else "routine"
+    external_id = _ei(rf1, 6) or _ei(rf1, 11)
+    if external_id and len(external_id) > 100:
+        raise ctx.fail(104, "RF1-6 (originating referral identifier) is longer than 100 characters", rf1, 6)
+    if not external_id:
+        ctx.warn(101, "RF1-6 (originating referral identifier) is empty: a resend of this referral would be "
+                      "recorded again", rf1, 6)
+    referring = _prd(ctx, _REFERRING)
+    referred_to = _prd(ctx, _REFERRED_TO)
+    referral: dict[str, Any] = {
+        "specialty": specialty, "urgency": urgency, "external_id": external_id,
+        "referring_provider": _referrer(ctx, referring) if referring is not None else "",
+        "referring_contact": _prd_email(ctx, referring) if referring is not None else "",
+        "reason": _referral_reason(rf1, message), "payer_id": _referral_payer(message),
+        "preferred_provider_id": _referred_to(ctx, referred_to) if referred_to is not None else None,
+        "source": ctx.actor.source,
+    }
+
+    # Writes start here; everything above only read.
+    pd1, pv1 = _patient_segments(message, pid)
+    referral["patient_id"] = _register(ctx, pid, _patient_record(ctx, pid, pd1, pv1))
+    _coverages(ctx, referral["patient_id"])
+    with ctx.engine_call(rf1), ctx.scheduler.unit_of_work() as (session, _work):
+        referral_id = ctx.scheduler.plugins.referral_received(session, referral)
+    if referral_id is None:
+        raise ctx.fail(207, "no plugin handles referrals (is the referrals plugin disabled?)", message.msh, 9)
+    log.info("referral received", extra={"message_id": ctx.message_id, "control_id": message.control_id,
+                                         "referral_id": referral_id})
+    return "applied"
+
+
+def _referral_specialty(ctx: _Context, rf1: Segment) -> str:
+    """RF1-3 referral type as a specialty: the text (component 2), else the
+    code; whichever a provider of ours practises, else the first one given."""
+    candidates = [c for c in (_specialty_code(_val(rf1, 3, 2)), _specialty_code(_val(rf1, 3, 1))) if c]
+    if not candidates:
+        raise ctx.fail(101, "RF1-3 (referral type: the specialty asked for) is empty", rf1, 3)
+    with ctx.scheduler.sessions() as session:
+        known = {s for specialties in session.scalars(select(Provider.specialties)) for s in specialties or ()}
+    chosen = next((c for c in candidates if c in known), candidates[0])
+    return _fit(ctx, chosen, 64, rf1, 3)
+
+
+def _referral_reason(rf1: Segment, message: Message) -> str:
+    """RF1-10 (text, else the table 0336 code in words), DG1 diagnoses, NTE comments."""
+    parts: list[str] = []
+    code, text = _val(rf1, 10, 1), _val(rf1, 10, 2)
+    if text or code:
+        parts.append(text or _REFERRAL_REASONS.get(code.upper(), code))
+    for dg1 in message.segments_named("DG1"):
+        diagnosis = _val(dg1, 3, 2) or _val(dg1, 4) or _val(dg1, 3, 1)
+        if diagnosis and diagnosis not in parts:
+            parts.append(diagnosis)
+    notes = [_val(nte, 3, 1, 1, rep) for nte in message.segments_named("NTE") for rep in range(1, _reps(nte, 3) + 1)]
+    return "\n".join(["; ".join(parts)] + [n for n in notes if n]).strip()
+
+
+def _referral_payer(message: Message) -> Optional[str]:
+    """The payer of the primary IN1 (IN1-22, else IN1-1, else order), picked as
+    ``_coverage_record`` picks it; None (the patient's primary coverage) without IN1."""
+    best: Optional[tuple[int, str]] = None
+    for position, in1 in enumerate(message.segments_named("IN1"), 1):
+        payer = _val(in1, 3) or _val(in1, 2) or _val(in1, 4)
+        if not payer or len(payer) > 64:
+            continue
+        priority = next((int(c) for c in (_val(in1, 22), _val(in1, 1)) if c.isdigit() and 1 <= int(c) <= 99),
+                        position)
+        if best is None or priority < best[0]:
+            best = (priority, payer)
+    return best[1] if best else None
+
+
+def _prd(ctx: _Context, roles: frozenset[str]) -> Optional[Segment]:
+    """The first PRD whose PRD-1 (any repetition, code or text) is one of ``roles``."""
+    for prd in ctx.message.segments_named("PRD"):
+        for rep in range(1, _reps(prd, 1) + 1):
+            if _norm(_val(prd, 1, 1, 1, rep)) in roles or _norm(_val(prd, 1, 2, 1, rep)) in roles:
+                return prd
+    return None
+
+
+def _prd_id(prd: Segment) -> str:
+    """PRD-7 provider identifier (the first repetition with one)."""
+    return next((v for rep in range(1, _reps(prd, 7) + 1) if (v := _val(prd, 7, 1, 1, rep))), "")
+
+
+def _referrer(ctx: _Context, prd: Segment) -> str:
+    """``Dr Ann Who, MD (1234)``: PRD-2 prefix, given and family name, degree; PRD-7 id."""
+    name = " ".join(p for p in (_val(prd, 2, 5), _val(prd, 2, 2), _val(prd, 2, 1)) if p)
+    if name and _val(prd, 2, 6):
+        name += f", {_val(prd, 2, 6)}"
+    ident = _prd_id(prd)
+    text = f"{name} ({ident})" if name and ident else name or ident
+    return _fit(ctx, text, 200, prd, 2)
+
+
+def _prd_email(ctx: _Context, prd: Segment) -> str:
+    """The e-mail address in PRD-5 (an XTN with use NET, type Internet, or an
+    "@"); a phone number is not used: notices go out through the referrals
+    team's channel, e-mail by default."""
+    for rep in range(1, _reps(prd, 5) + 1):
+        use, kind = _val(prd, 5, 2, 1, rep).upper(), _val(prd, 5, 3, 1, rep).upper()
+        first, fourth = _val(prd, 5, 1, 1, rep), _val(prd, 5, 4, 1, rep)
+        address = fourth if "@" in fourth else first if "@" in first else ""
+        if not address and (use in ("NET", "X.400") or kind in ("INTERNET", "X.400")):
+            address = fourth or first
+        if address:
+            return _fit(ctx, address.removeprefix("mailto:"), 200, prd, 5)
+    return ""
+
+
+def _referred_to(ctx: _Context, prd: Segment) -> Optional[int]:
+    """Our provider whose code is the referred-to provider's PRD-7 id, if we have one."""
+    ident = _prd_id(prd)
+    if not ident:
+        if _val(prd, 2, 1) or _val(prd, 2, 2):
+            ctx.warn(101, "PRD-7 of the referred-to provider (PRD-1 RT) is empty: a name alone does not identify "
+                          "a provider; routed by specialty", prd, 7)
+        return None
+    found = _existing_id(ctx, Provider, ident)
+    if found is None:
+        ctx.warn(204, "the referred-to provider (PRD-1 RT, PRD-7) is not a provider of this schedule: routed by "
+                      "specialty", prd, 7)
+    return found

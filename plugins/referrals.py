@@ -1,15 +1,25 @@
 """Referral routing: from a referring provider's request to a booked specialist consult.
 
 A referral (patient, specialty, urgency, payer, referring provider) arrives
-through ``receive_referral(context, referral)`` — the HL7 side maps REF^I12
-to it — or ``POST /referrals``.  It is routed through
+through ``receive_referral(context, referral)`` or ``POST /referrals`` (a
+transaction of their own), or through the hook
+``slotengine_referral_received`` inside the caller's transaction — the HL7
+side maps REF^I12 to it (``hl7.mapping``).  All of them end in
+``accept_referral(context, session, referral, view)``: record the referral,
+then route it in the same transaction.  It is routed through
 ``slotengine_route_referral`` (the first plugin that answers; this plugin's
 router answers last): to an in-network specialist (the payer's network in
-``Provider.networks``) of the specialty, speaking the patient's language when
-one does, preferring the requested location, with the earliest free slot
-(``Scheduler.free_slots``).  The consult is booked, or the patient goes on the
-waitlist for the specialty; the referring provider hears which (a notice to
-``referring_contact`` through the ``referrals`` team's channel).
+``Provider.networks``) of the specialty — the referred-to provider first when
+the referral names one (``preferred_provider_id``) and they have a slot in the
+window —, speaking the patient's language when one does, preferring the
+requested location, with the earliest free slot (``Scheduler.free_slots``).
+The consult is booked, or the patient goes on the waitlist for the specialty;
+the referring provider hears which (a notice to ``referring_contact`` through
+the ``referrals`` team's channel).  Routing runs in a savepoint: an engine
+refusal (a vetoed booking) makes the referral ``unroutable`` with the reason;
+any other failure leaves it ``received``, and the sweep
+``referrals.route_pending`` routes it later — the recorded referral is the
+durable to-do.
 
 Status: received → routed → booked | waitlisted → completed (when the
 consult completes); ``unroutable`` when no provider fits; a cancelled consult
@@ -34,7 +44,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlalchemy import select
+from sqlalchemy import event, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from engine.errors import InvalidRequest, NotFound, SchedulingError, SlotUnavailable
@@ -86,6 +97,8 @@ def as_dict(referral: Referral) -> dict[str, Any]:
         "language": referral.language, "location_id": referral.location_id, "status": referral.status,
         "provider_id": referral.provider_id, "appointment_id": referral.appointment_id,
         "waitlist_id": referral.waitlist_id, "history": list(referral.history or []),
+        "preferred_provider_id": next((step["preferred_provider_id"] for step in referral.history or []
+                                       if step.get("preferred_provider_id")), None),
     }
 
 
@@ -93,100 +106,261 @@ def as_dict(referral: Referral) -> dict[str, Any]:
 
 
 def receive_referral(context, referral: dict[str, Any]) -> int:
-    """Record a referral and route it now; returns its id.
+    """Record a referral and route it now, in one transaction of its own; returns its id.
 
     Keys: ``patient_id`` and ``specialty`` (required), ``urgency`` (routine |
     urgent), ``payer_id`` (default: the patient's primary coverage),
     ``referring_provider``, ``referring_contact`` (where the referrer hears
-    back), ``reason``, ``language``, ``location_id``, ``external_id`` (a resend
-    with the same one returns the first referral)."""
-    if not referral.get("patient_id") or not referral.get("specialty"):
-        raise InvalidRequest("a referral needs a patient_id and a specialty")
-    urgency = referral.get("urgency", "routine")
-    if urgency not in ("routine", "urgent"):
-        raise InvalidRequest(f"urgency must be routine or urgent, not {urgency!r}")
-    now = context.clock.now()
-    with context.session_factory() as session, session.begin():
-        if referral.get("external_id"):
-            known = session.scalar(select(Referral.id).where(Referral.external_id == referral["external_id"]))
-            if known is not None:
-                return known
-        patient = session.get(Patient, int(referral["patient_id"]))
-        if patient is None:
-            raise NotFound("patient", referral["patient_id"])
-        payer_id = referral.get("payer_id")
-        if payer_id is None:
-            coverage = session.scalars(select(Coverage).where(Coverage.patient_id == patient.id)
-                                       .order_by(Coverage.priority, Coverage.id)).first()
-            payer_id = coverage.payer_id if coverage else ""
-        row = Referral(
-            external_id=referral.get("external_id"), patient_id=patient.id, specialty=referral["specialty"],
-            urgency=urgency, payer_id=payer_id or "", referring_provider=referral.get("referring_provider", ""),
-            referring_contact=referral.get("referring_contact", ""), reason=referral.get("reason", ""),
-            language=referral.get("language") or patient.language or "", location_id=referral.get("location_id"),
-            status="received", history=[], received_at=now, updated_at=now,
-        )
-        _step(row, "received", f"from {row.referring_provider or 'unknown referrer'}", now)
-        session.add(row)
-        session.flush()
-        referral_id = row.id
-    route(context, referral_id)
+    back), ``reason``, ``language``, ``location_id``, ``preferred_provider_id``,
+    ``external_id`` (a resend with the same one returns the first referral),
+    ``source``.  The HL7 side (``REF^I12``) records referrals through the hook
+    ``slotengine_referral_received`` inside the message's transaction; both
+    end in ``accept_referral``."""
+    with context.session_factory() as session:
+        view = context.scheduler.within(session)
+        with session.begin():
+            referral_id = accept_referral(context, session, referral, view)
+        view.notify_committed()
     return referral_id
 
 
+@hookimpl(trylast=True)
+def slotengine_referral_received(session: Session, referral: dict[str, Any], context) -> Optional[int]:
+    """Record and route the referral inside the caller's transaction (an HL7 message's)."""
+    if _settings(context) is None:
+        return None
+    view = context.scheduler.within(session)
+    referral_id = accept_referral(context, session, referral, view)
+    _notify_when_committed(session, view)
+    return referral_id
+
+
+def accept_referral(context, session: Session, referral: dict[str, Any], view) -> int:
+    """Record a referral in ``session`` and route it in the same transaction; returns its id.
+
+    Recording errors (no patient, no specialty, an unknown urgency) raise:
+    the caller's transaction fails.  Routing runs in a savepoint (see
+    ``route_within``) and never fails the caller: an engine refusal makes the
+    referral ``unroutable`` (staff and the referrer are told), anything else
+    leaves it ``received`` for the sweep ``referrals.route_pending``, so a
+    recorded referral is never lost.  A resend (same ``external_id``) returns
+    the first referral's id and changes nothing."""
+    referral_id, created = record_referral(context, session, referral)
+    if created:
+        route_within(context, session, referral_id, view)
+    return referral_id
+
+
+def record_referral(context, session: Session, referral: dict[str, Any]) -> tuple[int, bool]:
+    """Insert a ``received`` referral through ``session`` (no commit); returns
+    (id, created).  ``created`` is False for a resend of a known ``external_id``."""
+    if not referral.get("patient_id") or not referral.get("specialty"):
+        raise InvalidRequest("a referral needs a patient_id and a specialty")
+    urgency = referral.get("urgency") or "routine"
+    if urgency not in ("routine", "urgent"):
+        raise InvalidRequest(f"urgency must be routine or urgent, not {urgency!r}")
+    external_id = referral.get("external_id") or None
+    if external_id:
+        known = session.scalar(select(Referral.id).where(Referral.external_id == external_id))
+        if known is not None:
+            return known, False
+    now = context.clock.now()
+    patient = session.get(Patient, int(referral["patient_id"]))
+    if patient is None:
+        raise NotFound("patient", referral["patient_id"])
+    payer_id = referral.get("payer_id")
+    if payer_id is None:
+        coverage = session.scalars(select(Coverage).where(Coverage.patient_id == patient.id)
+                                   .order_by(Coverage.priority, Coverage.id)).first()
+        payer_id = coverage.payer_id if coverage else ""
+    row = Referral(
+        external_id=external_id, patient_id=patient.id, specialty=referral["specialty"],
+        urgency=urgency, payer_id=payer_id or "", referring_provider=referral.get("referring_provider") or "",
+        referring_contact=referral.get("referring_contact") or "", reason=referral.get("reason") or "",
+        language=referral.get("language") or patient.language or "", location_id=referral.get("location_id"),
+        status="received", history=[], received_at=now, updated_at=now,
+    )
+    source = referral.get("source")
+    _step(row, "received", f"from {row.referring_provider or 'unknown referrer'}" + (f" ({source})" if source else ""),
+          now)
+    if referral.get("preferred_provider_id"):
+        # No column of its own: kept with the first step, where as_dict finds it for the routers.
+        row.history = [{**row.history[0], "preferred_provider_id": int(referral["preferred_provider_id"])}]
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:  # the same external_id, recorded concurrently
+        known = session.scalar(select(Referral.id).where(Referral.external_id == external_id)) \
+            if external_id else None
+        if known is None:
+            raise
+        return known, False
+    return row.id, True
+
+
 def route(context, referral_id: int) -> str:
-    """Route a ``received`` referral: book, waitlist or mark it unroutable; returns its status."""
-    settings = _settings(context)
+    """Route a ``received`` referral in a transaction of its own (the sweep); returns its status."""
+    with context.session_factory() as session:
+        view = context.scheduler.within(session)
+        with session.begin():
+            status = route_within(context, session, referral_id, view)
+        view.notify_committed()
+    return status
+
+
+def route_within(context, session: Session, referral_id: int, view) -> str:
+    """Route a ``received`` referral inside the caller's transaction: book,
+    waitlist or mark it unroutable; returns its status.
+
+    ``view`` is ``context.scheduler.within(session)``; the caller delivers
+    its after-commit notifications.  Everything happens in a savepoint: a
+    refusal of the engine (a vetoed booking…) makes the referral
+    ``unroutable`` with the reason, and any other failure rolls the routing
+    back and leaves the referral ``received`` for the sweep to try again."""
+    referral = session.get(Referral, referral_id, with_for_update=True)
+    if referral is None:
+        raise NotFound("referral", referral_id)
+    if referral.status != "received":
+        return referral.status
     for _attempt in range(3):
-        with context.session_factory() as session:
-            view = context.scheduler.within(session)
-            with session.begin():
-                referral = session.get(Referral, referral_id, with_for_update=True)
-                if referral is None:
-                    raise NotFound("referral", referral_id)
-                if referral.status != "received":
-                    return referral.status
-                now = context.clock.now()
-                decision = context.plugins.route_referral(session, as_dict(referral))
-                if decision is None or decision.get("unroutable"):
-                    why = (decision or {}).get("unroutable") or "no router answered"
-                    _step(referral, "unroutable", why, now)
-                    _tell(context, session, referral, f"Referral {referral.id} could not be routed",
-                          f"Referral {referral.id} ({referral.specialty}) could not be routed: {why}. "
-                          "Staff will contact you.")
-                elif decision.get("slot_id"):
-                    try:
-                        appointment = view.book(BookingRequest(
-                            patient_id=referral.patient_id, appointment_type=settings.appointment_type,
-                            slot_id=int(decision["slot_id"]), urgency=referral.urgency,
-                            reason=f"referral {referral.id}"), Actor("plugin", NAME, f"referral {referral.id}"))
-                    except SlotUnavailable:
-                        continue  # taken meanwhile: route again
-                    referral.provider_id = appointment.provider_id
-                    _step(referral, "routed", f"to provider {appointment.provider_id} by {decision.get('plugin')}", now)
-                    referral.appointment_id = appointment.id
-                    _step(referral, "booked", f"appointment {appointment.id}", now)
-                    _tell(context, session, referral, f"Referral {referral.id}: consult booked",
-                          f"Referral {referral.id} ({referral.specialty}) is booked: {_consult(session, appointment)}.")
-                else:
-                    provider_id = decision.get("provider_id")
-                    referral.provider_id = provider_id
-                    _step(referral, "routed", f"to the {referral.specialty} waitlist by {decision.get('plugin')}", now)
-                    entry = view.add_to_waitlist(
-                        patient_id=referral.patient_id, appointment_type=settings.appointment_type,
-                        duration_minutes=settings.waitlist_minutes, actor=Actor("plugin", NAME, f"referral {referral.id}"),
-                        urgency=referral.urgency, provider_id=provider_id, specialty=referral.specialty,
-                        location_id=referral.location_id, reason=f"referral {referral.id}")
-                    referral.waitlist_id = entry.id
-                    _step(referral, "waitlisted", f"waitlist entry {entry.id}", now)
-                    _tell(context, session, referral, f"Referral {referral.id}: patient waitlisted",
-                          f"Referral {referral.id} ({referral.specialty}): no in-network slot in the next "
-                          f"{_days(settings, referral)} days; the patient is on the waitlist and will be booked "
-                          "when a slot frees.")
-                status = referral.status
-            view.notify_committed()
+        announced = len(view._deferred)
+        savepoint = session.begin_nested()
+        try:
+            status = _route_once(context, session, referral, view)
+        except SlotUnavailable:
+            status = None  # taken meanwhile: route again
+        except SchedulingError as exc:
+            status = _unroutable(context, session, referral, f"{type(exc).__name__}: {exc}", view, announced,
+                                 savepoint)
             return status
-    return "received"
+        except Exception:  # noqa: BLE001 - the sweep tries again; the referral stays recorded
+            log.warning("routing a referral failed; the sweep will try again", exc_info=True,
+                        extra={"referral_id": referral_id})
+            if savepoint.is_active:
+                savepoint.rollback()
+            del view._deferred[announced:]
+            session.refresh(referral)
+            return referral.status
+        if status is None:
+            if savepoint.is_active:
+                savepoint.rollback()
+            del view._deferred[announced:]
+            session.refresh(referral)
+            continue
+        savepoint.commit()
+        return status
+    return referral.status
+
+
+def _unroutable(context, session: Session, referral: Referral, why: str, view, announced: int, savepoint) -> str:
+    if savepoint.is_active:
+        savepoint.rollback()
+    del view._deferred[announced:]
+    session.refresh(referral)
+    _step(referral, "unroutable", why, context.clock.now())
+    _tell(context, session, referral, f"Referral {referral.id} could not be routed",
+          f"Referral {referral.id} ({referral.specialty}) could not be routed: {why}. Staff will contact you.")
+    return referral.status
+
+
+def _route_once(context, session: Session, referral: Referral, view) -> Optional[str]:
+    """One routing attempt; ``None`` when the chosen slot was taken meanwhile."""
+    settings = _settings(context)
+    now = context.clock.now()
+    decision = context.plugins.route_referral(session, as_dict(referral))
+    if decision is None or decision.get("unroutable"):
+        why = (decision or {}).get("unroutable") or "no router answered"
+        _step(referral, "unroutable", why, now)
+        _tell(context, session, referral, f"Referral {referral.id} could not be routed",
+              f"Referral {referral.id} ({referral.specialty}) could not be routed: {why}. "
+              "Staff will contact you.")
+    elif decision.get("slot_id"):
+        try:
+            appointment = view.book(BookingRequest(
+                patient_id=referral.patient_id, appointment_type=settings.appointment_type,
+                slot_id=int(decision["slot_id"]), urgency=referral.urgency,
+                reason=f"referral {referral.id}"), Actor("plugin", NAME, f"referral {referral.id}"))
+        except SlotUnavailable:
+            return None
+        referral.provider_id = appointment.provider_id
+        _step(referral, "routed", f"to provider {appointment.provider_id} by {decision.get('plugin')}", now)
+        referral.appointment_id = appointment.id
+        _step(referral, "booked", f"appointment {appointment.id}", now)
+        _tell(context, session, referral, f"Referral {referral.id}: consult booked",
+              f"Referral {referral.id} ({referral.specialty}) is booked: {_consult(session, appointment)}.")
+    else:
+        provider_id = decision.get("provider_id")
+        referral.provider_id = provider_id
+        _step(referral, "routed", f"to the {referral.specialty} waitlist by {decision.get('plugin')}", now)
+        entry = view.add_to_waitlist(
+            patient_id=referral.patient_id, appointment_type=settings.appointment_type,
+            duration_minutes=settings.waitlist_minutes, actor=Actor("plugin", NAME, f"referral {referral.id}"),
+            urgency=referral.urgency, provider_id=provider_id, specialty=referral.specialty,
+            location_id=referral.location_id, reason=f"referral {referral.id}")
+        referral.waitlist_id = entry.id
+        _step(referral, "waitlisted", f"waitlist entry {entry.id}", now)
+        _tell(context, session, referral, f"Referral {referral.id}: patient waitlisted",
+              f"Referral {referral.id} ({referral.specialty}): no in-network slot in the next "
+              f"{_days(settings, referral)} days; the patient is on the waitlist and will be booked "
+              "when a slot frees.")
+    return referral.status
+
+
+_PENDING = "plugins.referrals.notify_after_commit"
+
+
+def _notify_when_committed(session: Session, view) -> None:
+    """Deliver ``view``'s after-change notifications once the caller's transaction commits.
+
+    The hook does not own the transaction (an HL7 message's), so it cannot
+    call ``view.notify_committed()`` itself: session events do, when the
+    outermost transaction has ended with a commit.  When it rolls back, or a
+    savepoint enclosing the hook's work does, the notifications are dropped.
+    The listeners are registered once per session and kept in ``session.info``."""
+    if not view._deferred:
+        return
+    chain = []
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    while transaction is not None:
+        chain.append(transaction)
+        transaction = transaction.parent
+    pending = session.info.get(_PENDING)
+    if pending is None:
+        pending = session.info[_PENDING] = []
+        event.listen(session, "after_soft_rollback", _on_soft_rollback)
+        event.listen(session, "after_rollback", _on_rollback)
+        event.listen(session, "after_commit", _on_commit)
+        event.listen(session, "after_transaction_end", _on_transaction_end)
+    pending.append({"view": view, "chain": chain, "committed": False, "discarded": False})
+
+
+def _on_soft_rollback(session: Session, previous) -> None:
+    for entry in session.info.get(_PENDING, ()):
+        if any(previous is transaction for transaction in entry["chain"]):
+            entry["discarded"] = True
+
+
+def _on_rollback(session: Session) -> None:
+    for entry in session.info.get(_PENDING, ()):
+        entry["discarded"] = True
+
+
+def _on_commit(session: Session) -> None:
+    if session.get_nested_transaction() is None:  # the outermost transaction, not a savepoint
+        for entry in session.info.get(_PENDING, ()):
+            entry["committed"] = True
+
+
+def _on_transaction_end(session: Session, transaction) -> None:
+    if transaction.parent is not None or transaction.nested:
+        return
+    entries, session.info[_PENDING] = session.info.get(_PENDING, []), []
+    for entry in entries:
+        if entry["committed"] and not entry["discarded"]:
+            entry["view"].notify_committed()
+        else:
+            entry["view"]._deferred.clear()
 
 
 def _days(settings: Settings, referral: Referral) -> int:
@@ -230,10 +404,13 @@ def slotengine_route_referral(session: Session, referral: dict[str, Any], contex
         providers = [p for p in providers if network in (p.networks or [])]
         if not providers:
             return {"unroutable": f"no {specialty} provider in network {network} (payer {payer})"}
+    preferred = [p for p in providers if p.id == referral.get("preferred_provider_id")]
     language = (referral.get("language") or "").lower()
     if language and language != "en":
         speaking = [p for p in providers if language in [x.lower() for x in (p.languages or [])]]
         providers = speaking or providers
+    if preferred:  # the referred-to specialist (REF^I12 PRD role RT), in network: their slot when they have one
+        providers = preferred + [p for p in providers if p.id != preferred[0].id]
     now = context.clock.now()
     days = settings.urgent_days if referral.get("urgency") == "urgent" else settings.routine_days
     best: Optional[tuple[Any, ...]] = None
@@ -246,10 +423,12 @@ def slotengine_route_referral(session: Session, referral: dict[str, Any], contex
         if found:
             away = 0 if referral.get("location_id") in (None, found[0].location_id) else 1
             key = (found[0].start, away, provider.id, found[0].slot_id)
+            if preferred and provider is preferred[0]:
+                return {"provider_id": provider.id, "slot_id": found[0].slot_id}
             best = min(best, key) if best else key
     if best is not None:
         return {"provider_id": best[2], "slot_id": best[3]}
-    return {"waitlist": True, "provider_id": providers[0].id if len(providers) == 1 else None}
+    return {"waitlist": True, "provider_id": providers[0].id if len(providers) == 1 or preferred else None}
 
 
 # --- following the consult ----------------------------------------------------------------------------
