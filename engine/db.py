@@ -8,7 +8,9 @@ is the multi-node store.  Both get exactly the same schema.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,13 +72,56 @@ def _prepare_sqlite_file(url) -> None:
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
 
 
+def _serialized_connection_class(write_lock: threading.RLock) -> type[sqlite3.Connection]:
+    """A pysqlite connection that gives the process-wide write lock back the
+    moment its transaction ends (see ``make_engine``)."""
+
+    class SerializedConnection(sqlite3.Connection):
+        holds_write_lock = False
+
+        def _release(self) -> None:
+            if self.holds_write_lock:
+                self.holds_write_lock = False
+                try:
+                    write_lock.release()
+                except RuntimeError:  # ended from another thread (garbage collection): nothing held here
+                    pass
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                self._release()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self._release()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self._release()
+
+    return SerializedConnection
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         _prepare_sqlite_file(parsed)
+        # SQLite has one writer.  Threads of this process queue for it on a lock
+        # of ours, handed over the moment a transaction ends, instead of in
+        # SQLite's busy handler, which sleeps up to 100 ms between attempts and
+        # would put those sleeps straight into ACK latency.  Other processes
+        # still wait in the busy handler (busy_timeout).
+        write_lock = threading.RLock()
         engine = create_engine(
             parsed,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": 30, "check_same_thread": False,
+                          "factory": _serialized_connection_class(write_lock)},
             # pysqlite's own transaction handling would defer BEGIN; we issue it.
             isolation_level=None,
         )
@@ -92,7 +137,14 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin_immediate(connection):
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            dbapi_connection = connection.connection.dbapi_connection
+            write_lock.acquire()
+            dbapi_connection.holds_write_lock = True
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                dbapi_connection._release()
+                raise
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterator, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, delete, exists, func, insert, inspect, or_, select, update
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, inspect, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import make_transient_to_detached
@@ -1047,24 +1047,44 @@ class Scheduler:
 
     @staticmethod
     def _patient_by_identifiers(session: Session, identifiers) -> Optional[Patient]:
-        for ident in identifiers:
-            patient_id = session.scalar(
-                select(PatientIdentifier.patient_id).where(
-                    PatientIdentifier.value == ident.value,
-                    PatientIdentifier.authority == ident.authority,
-                    PatientIdentifier.type_code == ident.type_code,
-                )
+        ids = Scheduler._patient_ids(session, identifiers)
+        return session.get(Patient, ids[0]) if ids else None
+
+    @staticmethod
+    def _patient_ids(session: Session, identifiers) -> list[int]:
+        """The (surviving) patients the identifiers name, in identifier order, one query."""
+        keys = [(i.authority, i.type_code, i.value) for i in identifiers]
+        if not keys:
+            return []
+        owner_of = {
+            (row.authority, row.type_code, row.value): row.patient_id
+            for row in session.execute(
+                select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value,
+                       PatientIdentifier.patient_id)
+                .where(tuple_(PatientIdentifier.authority, PatientIdentifier.type_code,
+                              PatientIdentifier.value).in_(keys))
             )
-            if patient_id is not None:
-                patient = session.get(Patient, patient_id)
-                while patient.merged_into_id:
-                    patient = session.get(Patient, patient.merged_into_id)
-                return patient
-        return None
+        }
+        found: list[int] = []
+        for key in keys:
+            patient_id = owner_of.get(key)
+            if patient_id is None:
+                continue
+            patient = session.get(Patient, patient_id)
+            while patient.merged_into_id:
+                patient = session.get(Patient, patient.merged_into_id)
+            if patient.id not in found:
+                found.append(patient.id)
+        return found
 
     def find_patient(self, identifiers) -> Optional[Patient]:
         with self.sessions() as session:
             return self._patient_by_identifiers(session, identifiers)
+
+    def patients_named_by(self, identifiers) -> list[int]:
+        """Every patient any of the identifiers names: more than one means a merge is due."""
+        with self.sessions() as session:
+            return self._patient_ids(session, identifiers)
 
     def record_coverage(self, patient_id: int, record: CoverageRecord, actor: Actor) -> Coverage:
         with self.unit_of_work() as (session, work):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -265,5 +266,8 @@ async def serve(config: Config) -> int:
 
 
 def run(config: Config) -> int:
+    # The listener's event loop shares the GIL with the processor thread; a short
+    # switch interval keeps ACKs from queueing behind a long apply.
+    sys.setswitchinterval(0.0005)
     configure_logging(config.logging.level, redaction_key=config.logging.read_redaction_key())
     return asyncio.run(serve(config))

@@ -687,12 +687,7 @@ def _language(pid: Segment, record: PatientRecord) -> None:
 
 
 def _owners(ctx: _Context, identifiers: list[Identifier]) -> list[int]:
-    owners: list[int] = []
-    for ident in identifiers:
-        patient = ctx.scheduler.find_patient([ident])
-        if patient is not None and patient.id not in owners:
-            owners.append(patient.id)
-    return owners
+    return ctx.scheduler.patients_named_by(identifiers)
 
 
 def _unchanged(ctx: _Context, patient_id: int, record: PatientRecord) -> bool:

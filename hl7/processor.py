@@ -31,6 +31,10 @@ from hl7.store import APPLIED, PARKED, RECEIVED, MessageStore
 
 log = logging.getLogger("slotengine.processor")
 
+#: A batch commits after this long even if more messages wait: the single
+#: SQLite writer is shared with the receiving side.
+BATCH_SECONDS = 0.05
+
 
 @dataclass(frozen=True)
 class FeedPolicy:
@@ -105,9 +109,16 @@ class Processor:
     def apply_pending(self) -> int:
         outcomes: list[Outcome] = []
         views: list[Scheduler] = []
+        deadline = time.monotonic() + 0.2
+        while self.store.store_waiting and time.monotonic() < deadline:
+            time.sleep(0.0005)  # let the waiting receipt commit first: ACK latency comes first
         with self.scheduler.sessions() as session, session.begin():
             pending = self._claim(session)
-            for row in pending:
+            batch_started = time.monotonic()
+            for index, row in enumerate(pending):
+                if index and (self.store.store_waiting or time.monotonic() - batch_started > BATCH_SECONDS):
+                    pending = pending[:index]  # the rest stay "received" for the next batch
+                    break
                 started = time.perf_counter()
                 view = self.scheduler.within(session)
                 outcome = self._apply_one(session, view, row)

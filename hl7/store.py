@@ -87,9 +87,26 @@ class MessageStore:
         self.last_failure: Optional[str] = None
         self.last_failure_at: Optional[float] = None
         self.new_messages = threading.Event()
+        # Receiving has priority over applying: the processor keeps its
+        # transactions short and steps aside while a store is waiting.
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    @property
+    def store_waiting(self) -> bool:
+        return self._waiting > 0
 
     def store_batch(self, items: list[Incoming]) -> list[Stored]:
         """Commit a batch in one transaction; duplicates return their original."""
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            return self._store_batch(items)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+
+    def _store_batch(self, items: list[Incoming]) -> list[Stored]:
         results: list[Optional[Stored]] = [None] * len(items)
         with self.sessions() as session, session.begin():
             keys = list({(i.sender, i.control_id) for i in items})
