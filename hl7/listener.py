@@ -19,8 +19,8 @@ from engine.clock import Clock
 from engine.metrics import Metrics
 from hl7.ack import ErrorDetail, build_ack, new_control_id
 from hl7.config import FeedConfig
-from hl7.framing import MLLPDecoder, Oversize, frame
 from hl7.filler import is_filler_request
+from hl7.framing import MLLPDecoder, Oversize, frame
 from hl7.mapping import is_supported
 from hl7.message import HL7ParseError, Message, check_header, parse
 from hl7.store import (
@@ -33,6 +33,7 @@ from hl7.store import (
     StorageUnavailable,
     content_hash,
 )
+from hl7.validation import structure_problems
 
 log = logging.getLogger("slotengine.listener")
 
@@ -216,6 +217,16 @@ class Listener:
         if not problems and not feed.allows_sender(message.sending_application, message.sending_facility):
             problems = [ErrorDetail("MSH", 1, 3, 0, "207", "E",
                                     f"sending application/facility {sender} is not allowed on feed {feed.name}")]
+        if not problems and feed.validate:
+            found = await asyncio.get_running_loop().run_in_executor(None, structure_problems, message, raw)
+            problems = [p for p in found if p.severity == "E"]
+            if problems:
+                rejection = "CE" if message.enhanced_mode else "AE"
+                ack = build_ack(message, rejection, problems, control_id=new_control_id(), now=now)
+                if control_id:
+                    await self._store(Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw,
+                                               REFUSED, ack), quiet=True)
+                return self._acknowledged(ack, rejection, started)
         status = RECEIVED
         # A placer's request (SRM, SQM) is answered with the response message, not an ACK.
         answered = bool(not problems and feed.mode == "filler"

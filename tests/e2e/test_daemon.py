@@ -221,3 +221,19 @@ def test_sigterm_drains_and_exits_zero(tmp_path, sqlite_path):
     lines = [line for line in process.logs().splitlines() if line.startswith("{")]
     assert any('"stopped"' in line for line in lines)
     assert all(re.match(r"^\{.*\}$", line) for line in lines)
+
+
+def test_validating_feed_refuses_what_hl7apy_refuses(tmp_path, corpus_dir):
+    daemon = DaemonProcess(DaemonConfig(tmp_path, f"sqlite:///{tmp_path / 'validate.db'}", clinic=False,
+                                        feeds=[{"name": "checked", "mode": "mirror", "validate": True}])).start()
+    try:
+        client = MLLPClient("127.0.0.1", daemon.port("checked"), timeout=15)
+        valid = (corpus_dir / "rethink__ADT_A01__1.hl7").read_bytes()
+        assert check_ack(parse(valid).control_id, client.send(valid))[1] == "AA"
+        invalid = (corpus_dir / "msfhirconv__SIU_S12__1.hl7").read_bytes()
+        reply = parse(client.send(invalid))
+        assert reply.first("MSA").value(1) == "AE"
+        assert "hl7apy" in reply.first("ERR").value(8)
+        client.close()
+    finally:
+        daemon.stop()
