@@ -287,6 +287,20 @@ def cmd_messages_replay(args) -> int:
     return 0
 
 
+def cmd_messages_skip(args) -> int:
+    from hl7.store import skip
+
+    _config, sessions, scheduler = _open(args)
+    actor = Actor("operator", args.operator, "cli: messages skip")
+    for message_id in args.ids:
+        try:
+            skip(sessions, message_id, actor, scheduler.clock.now(), args.reason)
+        except (LookupError, ValueError) as exc:
+            raise CliError(str(exc).strip("'\"")) from None
+        print(f"message {message_id} skipped")
+    return 0
+
+
 def cmd_plugins_list(args) -> int:
     from engine.plugin_host import PluginHost
 
@@ -423,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay = schedule_command(messages, "replay", "apply parked messages again", cmd_messages_replay)
     replay.add_argument("ids", type=int, nargs="+")
     replay.add_argument("--operator", default="cli", help="who is replaying (recorded in the audit trail)")
+    skipping = schedule_command(messages, "skip", "give up on parked messages (a stopped feed moves on)",
+                                cmd_messages_skip)
+    skipping.add_argument("ids", type=int, nargs="+")
+    skipping.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    skipping.add_argument("--operator", default="cli", help="who decides (recorded in the audit trail)")
 
     outbox = commands.add_parser("outbox", help="outbound messages (store-and-forward)").add_subparsers(
         dest="outbox_command", required=True)

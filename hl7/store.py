@@ -247,3 +247,22 @@ def replay(session_factory: sessionmaker, message_id: int, actor, now: datetime)
         session.add(AuditEntry(at=now, actor=actor.label, source=actor.source, action="message_replayed",
                                entity="inbound_message", entity_id=message_id, from_state=previous,
                                to_state=RECEIVED, reason=""))
+
+
+def skip(session_factory: sessionmaker, message_id: int, actor, now: datetime, reason: str) -> None:
+    """Give up on a parked message (it stays stored, marked skipped): the way past it
+    when its feed stops at parked messages (``on_error = "stop"``); audited."""
+    from engine.models import AuditEntry
+
+    with session_factory() as session, session.begin():
+        row = session.get(InboundMessage, message_id)
+        if row is None:
+            raise LookupError(f"no stored message {message_id}")
+        if row.status != PARKED:
+            raise ValueError(f"message {message_id} is {row.status}; only parked messages are skipped")
+        row.status = SKIPPED
+        row.error = f"skipped by {actor.label}: {reason}" if reason else f"skipped by {actor.label}"
+        session.add(AuditEntry(at=now, actor=actor.label, source=actor.source, action="message_skipped",
+                               entity="inbound_message", entity_id=message_id, from_state=PARKED,
+                               to_state=SKIPPED, reason=reason))
+

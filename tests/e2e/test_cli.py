@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +115,27 @@ def test_operator_commands_end_to_end(tmp_path):
     assert "LOCAL_START" in table.stdout
     unknown = slotengine("slots", "find", "--provider", "DRWHO", *common, check=False)
     assert unknown.returncode == 1 and "unknown provider" in unknown.stderr
+
+
+def test_stopped_feed_waits_for_the_operator(tmp_path):
+    db = tmp_path / "stop.db"
+    config = DaemonConfig(tmp_path, f"sqlite:///{db}", feeds=[{"name": "ehr", "mode": "mirror", "on_error": "stop"}])
+    daemon = DaemonProcess(config).start()
+    try:
+        from hl7.client import MLLPClient
+
+        client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=10)
+        client.send(b"MSH|^~\\&|EPIC|NORTHCLINIC|SE|SE|20260302||SIU^S12|ST1|P|2.5.1\rPID|1||X^^^N^MR\r")
+        client.send(siu("ST2", "PST2", mrn="ST2"))
+        client.close()
+        wait_until(lambda: db_rows(db, "select status from inbound_messages where control_id='ST1'") == [("parked",)])
+        time.sleep(1.5)  # the next message of that sender must wait
+        assert db_rows(db, "select status from inbound_messages where control_id='ST2'") == [("received",)]
+        parked = db_rows(db, "select id from inbound_messages where control_id='ST1'")[0][0]
+        slotengine("messages", "skip", str(parked), "--reason", "EHR will resend", "--operator", "bob",
+                   "--config", str(config.path))
+        wait_until(lambda: db_rows(db, "select status from inbound_messages where control_id='ST2'") == [("applied",)])
+        assert db_rows(db, "select actor, reason from audit where action='message_skipped'") == [
+            ("operator:bob", "EHR will resend")]
+    finally:
+        daemon.stop()
