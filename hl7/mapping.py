@@ -594,6 +594,8 @@ def _patient_record(ctx: _Context, pid: Segment, pd1: Optional[Segment], pv1: Op
         mobility = _val(pv1, 15)
         if mobility is NULL:
             record.mobility = ""
+        elif mobility.upper() == "A0":  # HL7 0009: "no functional limitations" is not a need
+            record.mobility = ""
         elif mobility:
             record.mobility = _fit(ctx, mobility, 32, pv1, 15)
     return record

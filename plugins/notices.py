@@ -24,6 +24,8 @@ Settings::
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,6 +36,8 @@ from engine.messaging import describe_for_staff
 from engine.models import Appointment, OutboxItem, Patient
 from engine.plugin import hookimpl
 from engine.requests import Change
+
+log = logging.getLogger("slotengine.plugins.notices")
 
 NAME = "notices"
 KINDS = ("staff_notice", "billing_notice")
@@ -89,7 +93,13 @@ def slotengine_staff_notice(session: Session, notice: dict[str, Any], context) -
     team = str(notice.get("team", "front_desk"))
     route = settings.route(team)
     if route is None:
-        raise LookupError(f"no [plugins.notices.teams.{team}] (nor teams.default) to send a notice to")
+        # A configuration gap, not a failure of the change: say so once per team.
+        warned = context.state.setdefault(f"{NAME}.unrouted", set())
+        if team not in warned:
+            warned.add(team)
+            log.warning("staff notices for a team with no route are not sent; configure "
+                        f"[plugins.notices.teams.{team}] or teams.default", extra={"team": team})
+        return
     session.add(OutboxItem(
         channel=route.channel,
         kind="billing_notice" if team == "billing" else "staff_notice",
@@ -135,6 +145,9 @@ def _needs(session: Session, change: Change, settings: Settings, context) -> Non
     if appointment is None or appointment.patient_id is None:
         return
     patient = session.get(Patient, appointment.patient_id)
+    if not (patient.needs_interpreter or patient.mobility or patient.other_needs
+            or appointment.appointment_type in settings.labs_before_types):
+        return
     moved = " (moved)" if change.kind == "rescheduled" else ""
     what = describe_for_staff(session, appointment)
     notices = []

@@ -56,3 +56,14 @@ def test_instructions_combine_location_type_and_settings(clinic, slotengine_cont
         lines = slotengine_context.plugins.patient_instructions(appointment, "MAIN", "en", session)
     assert lines == ["Main Street Clinic, 1 Main Street", "Enter by the side door.", "Check in at desk B.",
                      "Do not eat for 8 hours before.", "Please bring: Photo ID, Insurance card."]
+
+
+def test_a_team_without_a_route_is_reported_once_not_raised(clinic, slotengine_context, caplog):
+    settings = slotengine_context.state["notices"]
+    settings.teams.clear()  # nothing configured: neither "facilities" nor "default"
+    for n in range(2):
+        clinic.book(clinic.patient(f"NR{n}", mobility="A1"), after=utc(2026, 3, 4, 14))
+    assert not [n for n in notices(clinic.scheduler) if n[0] == "facilities"]
+    warnings = [r for r in caplog.records if "no route" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].team == "facilities"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
