@@ -16,7 +16,7 @@ import bisect
 import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any, Iterator, Optional, Sequence
 
 from sqlalchemy import and_, bindparam, delete, exists, func, insert, inspect, or_, select, tuple_, update

@@ -32,7 +32,7 @@ class CliError(Exception):
 # --- shared plumbing ---------------------------------------------------------------
 
 
-def _load(args) -> "Config":
+def _load(args):
     from hl7.config import default_config_path, load_config
 
     path = Path(args.config) if args.config else default_config_path()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.e2e.daemon import REPO, DaemonConfig, DaemonProcess
+from tests.e2e.daemon import DaemonConfig, DaemonProcess
 from tests.e2e.test_daemon import db_rows, siu, wait_until
 
 pytestmark = pytest.mark.slow
