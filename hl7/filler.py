@@ -871,18 +871,26 @@ def _in_windows(start: datetime, windows: list[tuple[datetime, Optional[datetime
     return any(start == s if e is None else s <= start <= e for s, e in windows)
 
 
-def _reschedule(request: _Request) -> _Answer:
+def _booked_request(request: _Request, refusal: str, *, window_required: bool):
+    """The appointment a reschedule or modification names, with the request's
+    windows (clinic time) and durations; refuses a waitlisted request."""
     found = _existing(request)
     if found.appointment is None:
-        raise _Refused([_err(207, "a waitlisted request has no time to reschedule; cancel it (S04) and book (S01)",
-                             "ARQ", 1, 1, app="invalid_request")])
+        raise _Refused([_err(207, refusal, "ARQ", 1, 1, app="invalid_request")])
     appointment, resources, _slot = _current(request, found.appointment.id)
     request.resolve()
     tz = request.timezone() if (request.location or request.provider) else _appointment_tz(request, appointment)
-    windows = request.windows(tz, required=True)
+    windows = request.windows(tz, required=window_required)
     minutes = request.duration()
     request.refuse_if_errors()
     current_minutes = int((appointment.end - appointment.start).total_seconds() // 60)
+    return appointment, resources, windows, minutes, current_minutes
+
+
+def _reschedule(request: _Request) -> _Answer:
+    appointment, resources, windows, minutes, current_minutes = _booked_request(
+        request, "a waitlisted request has no time to reschedule; cancel it (S04) and book (S01)",
+        window_required=True)
     want = _want_for(request, appointment, resources, windows, minutes or current_minutes)
     if _in_windows(appointment.start, windows) and _unchanged(appointment, resources, want, current_minutes):
         return _state_answer(request, appointment.id)
@@ -926,17 +934,8 @@ def _unchanged(appointment: Appointment, resources: tuple[int, ...], want: _Want
 
 def _modify(request: _Request) -> _Answer:
     """S03 / S08: provider, resources, duration, type; the time when ARQ-11 moves it."""
-    found = _existing(request)
-    if found.appointment is None:
-        raise _Refused([_err(207, "a waitlisted request cannot be modified; cancel it (S04) and book (S01)",
-                             "ARQ", 1, 1, app="invalid_request")])
-    appointment, resources, _slot = _current(request, found.appointment.id)
-    request.resolve()
-    tz = request.timezone() if (request.location or request.provider) else _appointment_tz(request, appointment)
-    windows = request.windows(tz, required=False)
-    minutes = request.duration()
-    request.refuse_if_errors()
-    current_minutes = int((appointment.end - appointment.start).total_seconds() // 60)
+    appointment, resources, windows, minutes, current_minutes = _booked_request(
+        request, "a waitlisted request cannot be modified; cancel it (S04) and book (S01)", window_required=False)
     stay = [(appointment.start, None)]
     want = _want_for(request, appointment, resources,
                      windows if windows and not _in_windows(appointment.start, windows) else stay,
