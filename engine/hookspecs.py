@@ -69,7 +69,8 @@ def slotengine_register_jobs(register: Callable[..., None], context: "JobContext
     misfire_grace_time=None)`` where ``func(context)`` runs in a worker thread
     (or on the event loop when it is a coroutine function) every ``seconds``,
     or on a ``cron`` dict (APScheduler ``CronTrigger`` fields, e.g.
-    ``{"hour": 2}``).  Job ids are fixed (prefix them with your plugin's
+    ``{"hour": 2}``; a ``"timezone"`` field sets the zone the fields are
+    read in, else the scheduler's).  Job ids are fixed (prefix them with your plugin's
     name); each run is recorded in ``job_runs`` and in
     ``slotengine_job_runs_total``.  Jobs are sweeps: claim due rows with
     ``engine.jobs.claim_due``, act, mark them done in the same transaction.
@@ -167,13 +168,84 @@ def slotengine_verify_coverage(
     """
 
 
+@hookspec(firstresult=True)
+def slotengine_schedule_owner(
+    session: "Session", provider_id: Optional[int], location_id: Optional[int], context: "JobContext"
+) -> Optional[str]:
+    """Which outside system owns this calendar (the EHR, when slotengine
+    mirrors its schedule)?  Return that system's name, or ``None`` when
+    slotengine owns it.  Asked by ``Scheduler.request_booking``,
+    ``request_reschedule`` and ``request_cancellation``: for an owned
+    calendar the change is not made here but recorded as a
+    ``ChangeRequest`` and announced as a ``change_requested`` change (the
+    owner's plugin sends it on, e.g. as an HL7 SRM); it counts once the
+    owner confirms it.  The built-in HL7 side answers for mirror feeds
+    with ``requests_to``.
+
+    Results: stops at the first non-None result.  If it raises: the error
+    is logged and the request is refused (``PluginError``) -- guessing
+    wrong would change a schedule we do not own, or never ask its owner.
+    """
+
+
 @hookspec
-def slotengine_score_slot(candidate: "Candidate", query: "SlotQuery", context: "JobContext") -> Optional[float]:
+def slotengine_score_slot(
+    session: "Session", candidate: "Candidate", query: "SlotQuery", context: "JobContext"
+) -> Optional[float]:
     """Score a free-slot candidate in ``Scheduler.free_slots``; higher ranks
-    first.  Scores of all plugins are summed; the default ordering (earliest
+    first.  ``session`` is the search's own: read through it (never open a
+    second one meanwhile: on SQLite it would wait for the caller's write
+    lock).  Scores of all plugins are summed into ``candidate.score``, and
+    each plugin's own is kept in ``candidate.scores`` by plugin name (shown
+    by ``slotengine slots find --json``); the default ordering (earliest
     first) breaks ties.
 
     If it raises: that plugin's score counts as 0 and the error is logged.
+    """
+
+
+@hookspec
+def slotengine_exclude_slot(
+    session: "Session", candidate: "Candidate", query: "SlotQuery", context: "JobContext"
+) -> Optional[str]:
+    """Leave a free-slot candidate out of ``Scheduler.free_slots``: return
+    why (a short sentence), or ``None`` to keep it.  Asked for each
+    candidate while the search collects them, before scoring, so an
+    excluded candidate makes room for a later one and the caller still gets
+    up to ``query.limit``.  Read through ``session``, the search's own.
+
+    Results: the first reason wins and later plugins are not asked about
+    that candidate; the search hands excluded candidates, with
+    ``candidate.excluded = "<plugin>: <reason>"``, to a caller that asks for
+    them (``free_slots(query, excluded=[])``, ``slotengine slots find
+    --explain``).  If it raises (or answers with something other than a
+    string): the candidate is kept and the error logged — a broken filter
+    must not empty the search.
+    """
+
+
+@hookspec
+def slotengine_allow_overbook(
+    session: "Session", candidate: "Candidate", patient_id: Optional[int], appointment_type: str, action: str,
+    context: "JobContext",
+) -> Optional[dict[str, Any]]:
+    """Judge one more patient in a full slot (a seat above its capacity).
+    ``candidate`` is the slot with the time the new appointment would take
+    (``seats_left`` 0); ``action`` is ``search`` (``SlotQuery.overbook``: may
+    the search offer this seat?) or ``book`` (``BookingRequest.overbook``:
+    the booking's transaction, with the slot row locked — lock what else
+    your arithmetic reads).  Read through ``session``.
+
+    Return ``{"allow": True | False, "reason": str, ...}`` — keep every
+    number the decision used in the dict (JSON-serialisable): it is put on
+    the candidate (``candidate.overbook``), in the booking's change
+    (``change.detail["overbook"]``) and in its audit entry — or ``None``
+    for no opinion.  Every plugin is asked; the seat is given only when one
+    allows and none refuses (the first refusal answers).  An overbooked
+    appointment is ``overbooked`` (HL7 SCH-25 ``Overbook``).
+
+    If it raises (or answers with something else): that counts as a
+    refusal — a broken judge must not pile patients into a slot.
     """
 
 

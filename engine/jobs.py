@@ -238,7 +238,8 @@ class JobScheduler(AsyncIOScheduler):
 
 def _trigger(job: JobRegistration, settings: JobSettings):
     if job.cron is not None:
-        return CronTrigger(timezone=settings.timezone, **job.cron)
+        # a job may name its own zone (a daily run at clinic-local time, whatever DST says)
+        return CronTrigger(**{"timezone": settings.timezone, **job.cron})
     return IntervalTrigger(seconds=job.seconds, timezone=settings.timezone)
 
 

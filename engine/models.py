@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     Time,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -161,6 +162,9 @@ class Patient(Base):
     preferred_latest: Mapped[Optional[time]] = mapped_column(Time)
     preferred_channel: Mapped[str] = mapped_column(String(16), default="")  # email | sms | voice
     confidential: Mapped[bool] = mapped_column(Boolean, default=False)
+    # PID-30 / PID-29; the server default lets the column join a table that already holds patients
+    deceased: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    deceased_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
     merged_into_id: Mapped[Optional[int]] = mapped_column(ForeignKey("patients.id"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -434,7 +438,7 @@ class WaitlistOffer(Base):
     start: Mapped[datetime] = mapped_column(UTCDateTime)
     end: Mapped[datetime] = mapped_column(UTCDateTime)
     provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
-    # offered | accepted | declined | expired | taken | withdrawn
+    # offered | accepted | declined | expired | taken | withdrawn | requested (of the EHR) | refused (by it)
     status: Mapped[str] = mapped_column(String(16), default="offered")
     score: Mapped[float] = mapped_column(Float, default=0.0)
     offered_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -442,3 +446,222 @@ class WaitlistOffer(Base):
     responded_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
     appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"))
     __table_args__ = (Index("ix_waitlist_offers_status_expires", "status", "expires_at"),)
+
+
+# --- change requests to an external schedule owner ---------------------------
+
+
+class ChangeRequest(Base):
+    """A change asked of the system that owns a calendar (the EHR, in mirror
+    mode) rather than made here: it counts only once that system confirms it.
+
+    pending → accepted (the owner said it will) → confirmed (its schedule
+    shows it) — or refused / expired.  A requested booking holds its time
+    here meanwhile (the appointment is ``held`` until confirmed).
+    """
+
+    __tablename__ = "change_requests"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # book | reschedule | cancel
+    appointment_id: Mapped[int] = mapped_column(ForeignKey("appointments.id"), index=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    requested_start: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    requested_end: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    requested_provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(100))
+    # what the requester wants back when the owner answers (e.g. a waitlist offer id)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    outcome: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    decided_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+
+
+# --- operator console: sign-in sessions ---------------------------------------
+
+
+class ConsoleSession(Base):
+    """A signed-in console user.  The browser holds the token; only its SHA-256 is
+    kept, so reading this table does not let anyone act as the user.  In the
+    database rather than in memory so a restart or another node behind the same
+    proxy keeps the sign-in, and signing out ends it everywhere."""
+
+    __tablename__ = "console_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(100))
+    via: Mapped[str] = mapped_column(String(16))  # password | proxy
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+# --- recall and preventive care -------------------------------------------------
+
+
+class PatientFlag(Base):
+    """A fact about a patient that rules can select on: a diagnosis code from
+    DG1 (``icd10:E11.9``), a contact opt-out (``opt_out:recall``,
+    ``opt_out:reminder``, ``opt_out:voice``)…  ``source`` says who set it
+    (``hl7:DG1``, ``hl7:PD1-11``, ``patient reply``); a source that states its
+    whole list again replaces only its own flags."""
+
+    __tablename__ = "patient_flags"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    flag: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    __table_args__ = (UniqueConstraint("patient_id", "flag"),)
+
+
+class RecallTicket(Base):
+    """One patient's due preventive care under one recall rule.
+
+    open → contacted → escalated → closed (a matching visit booked or done, or
+    no longer eligible), or suppressed (deceased, opted out); a cancelled
+    booking reopens it.  ``reason`` says why the ticket is in its state and
+    ``history`` keeps every step (contacts, escalations, closing, reopening).
+    ``dedupe_key`` (rule, patient, the visit the interval counts from) makes
+    "open this ticket once" an insert the database refuses the second time.
+    """
+
+    __tablename__ = "recall_tickets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    # the completed visit the interval counts from; None: the patient never had one
+    anchor_appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"))
+    due_date: Mapped[date] = mapped_column(Date)
+    window_start: Mapped[date] = mapped_column(Date)
+    window_end: Mapped[date] = mapped_column(Date)
+    step: Mapped[int] = mapped_column(Integer, default=0)  # the next escalation step
+    contacts: Mapped[int] = mapped_column(Integer, default=0)
+    channels_used: Mapped[list[str]] = mapped_column(JSON, default=list)
+    next_action_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    closed_by_appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"), index=True)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    __table_args__ = (
+        Index("ix_recall_tickets_status_next_action", "status", "next_action_at"),
+        Index("ix_recall_tickets_patient_rule", "patient_id", "rule"),
+    )
+
+
+# --- patient flow: running late (plugins/flow.py) ------------------------------------
+
+
+class FlowDelay(Base):
+    """One estimate of how late a provider runs for the rest of a clinic day,
+    and what was done about it.
+
+    ``trigger`` is what prompted it (``checked_in`` or ``arrived`` far past
+    the scheduled time, or ``staff`` saying so); ``explanation`` is the
+    estimate in words and ``estimates`` each remaining appointment's
+    scheduled and estimated start, delay, and what was decided for it and why
+    (told a new arrival time, offered another day, left alone).
+    """
+
+    __tablename__ = "flow_delays"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    provider_id: Mapped[int] = mapped_column(ForeignKey("providers.id"))
+    location_id: Mapped[Optional[int]] = mapped_column(ForeignKey("locations.id"))
+    local_day: Mapped[date] = mapped_column(Date)  # the clinic-local day
+    trigger: Mapped[str] = mapped_column(String(16))  # checked_in | arrived | staff
+    trigger_appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"))
+    observed_minutes: Mapped[int] = mapped_column(Integer)  # how late the trigger was (or staff said)
+    actor: Mapped[str] = mapped_column(String(100))
+    explanation: Mapped[str] = mapped_column(Text)
+    estimates: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    __table_args__ = (Index("ix_flow_delays_provider_day", "provider_id", "local_day"),)
+
+
+class FlowNotice(Base):
+    """What one patient was told about one delay: the new suggested arrival
+    time, and for the worst affected a concrete other time to move to
+    (``offer_*``), answered through a signed reply token."""
+
+    __tablename__ = "flow_notices"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delay_id: Mapped[int] = mapped_column(ForeignKey("flow_delays.id"), index=True)
+    appointment_id: Mapped[int] = mapped_column(ForeignKey("appointments.id"), index=True)
+    patient_id: Mapped[Optional[int]] = mapped_column(ForeignKey("patients.id"))
+    scheduled_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    estimated_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    suggested_arrival: Mapped[datetime] = mapped_column(UTCDateTime)
+    delay_minutes: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(16), default="")  # "" when staff call instead
+    reason: Mapped[str] = mapped_column(Text, default="")
+    offer_slot_id: Mapped[Optional[int]] = mapped_column(ForeignKey("slots.id"))
+    offer_start: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    offer_end: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    # "" (none) | offered | accepted | declined | taken (gone meanwhile)
+    offer_status: Mapped[str] = mapped_column(String(16), default="")
+    responded_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# Arrival smoothing counts the arrivals at a location in a window for every search candidate.
+Index("ix_appointments_location_start", Appointment.location_id, Appointment.start)
+
+
+# --- no-show-aware overbooking (plugins/noshow.py) ----------------------------------
+
+
+class ShowModel(Base):
+    """One fit of the show-probability model on the site's own history
+    (``plugins/showmodel.py``): its coefficients by feature name, their
+    standard errors, and what it was fitted on.  The latest row is in use."""
+
+    __tablename__ = "show_models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fitted_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    history_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    history_to: Mapped[datetime] = mapped_column(UTCDateTime)
+    sample_size: Mapped[int] = mapped_column(Integer)
+    no_shows: Mapped[int] = mapped_column(Integer)
+    coefficients: Mapped[dict[str, float]] = mapped_column(JSON)
+    standard_errors: Mapped[dict[str, float]] = mapped_column(JSON)
+    prior: Mapped[dict[str, float]] = mapped_column(JSON)
+    prior_weight: Mapped[float] = mapped_column(Float)
+    iterations: Mapped[int] = mapped_column(Integer)
+    converged: Mapped[bool] = mapped_column(Boolean)
+    log_loss: Mapped[float] = mapped_column(Float)
+
+
+class ShowEstimate(Base):
+    """An appointment's show probability and the terms that moved it most
+    (``reasons``: feature, words, effect on the log-odds), from the model
+    ``model_id`` (``None``: the prior, before any fit)."""
+
+    __tablename__ = "show_estimates"
+    appointment_id: Mapped[int] = mapped_column(ForeignKey("appointments.id"), primary_key=True)
+    probability: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    features: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    model_id: Mapped[Optional[int]] = mapped_column(ForeignKey("show_models.id"))
+    estimated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class OverbookDecision(Base):
+    """Why an appointment was given a seat above a full slot's capacity: the
+    block's expected patients and overtime with the new one, against the
+    budget, with every number used (``decision``)."""
+
+    __tablename__ = "overbook_decisions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    appointment_id: Mapped[int] = mapped_column(ForeignKey("appointments.id"), index=True)
+    slot_id: Mapped[int] = mapped_column(ForeignKey("slots.id"))
+    provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
+    block_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    block_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    expected_present: Mapped[float] = mapped_column(Float)
+    expected_overtime_minutes: Mapped[float] = mapped_column(Float)
+    decision: Mapped[dict[str, Any]] = mapped_column(JSON)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -41,6 +41,8 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("referrals", "plugins.referrals"),
     ("reminders", "plugins.reminders"),
     ("waitlist_fill", "plugins.waitlist_fill"),
+    ("recall", "plugins.recall"),
+    ("flow", "plugins.flow"),
     ("instructions", "plugins.instructions"),
     ("notices", "plugins.notices"),
     ("channels", "plugins.channels"),
@@ -393,27 +395,80 @@ class PluginHost:
         return {"outcome": "unknown", "findings": ["no plugin verifies coverage"], "copay": None,
                 "coverage_id": None, "source": ""}
 
-    def score(self, candidate: "Candidate", query: "SlotQuery") -> float:
-        return self._sum("slotengine_score_slot", {"candidate": candidate, "query": query})
+    def score(self, candidate: "Candidate", query: "SlotQuery", session: Optional["Session"] = None) -> float:
+        return sum(self.slot_scores(candidate, query, session).values())
+
+    def slot_scores(self, candidate: "Candidate", query: "SlotQuery",
+                    session: Optional["Session"] = None) -> dict[str, float]:
+        """Each plugin's score for a candidate, by plugin name (plugins answering ``None`` left out)."""
+        return self._scores("slotengine_score_slot", {"candidate": candidate, "query": query, "session": session})
 
     def _sum(self, hook_name: str, kwargs: dict[str, Any]) -> float:
-        total = 0.0
+        return sum(self._scores(hook_name, kwargs).values())
+
+    def _scores(self, hook_name: str, kwargs: dict[str, Any]) -> dict[str, float]:
+        scores: dict[str, float] = {}
         for plugin, outcome in self._each(hook_name, kwargs):
             if isinstance(outcome, (int, float)) and not isinstance(outcome, bool):
-                total += float(outcome)
+                scores[plugin] = scores.get(plugin, 0.0) + float(outcome)
             elif outcome is not None and not isinstance(outcome, Exception):
                 log.error("plugin returned a non-numeric score", extra={"plugin": plugin, "hook": hook_name})
                 self.metrics.plugin_errors.labels(plugin, hook_name).inc()
-        return total
+        return scores
+
+    def slot_exclusion(self, candidate: "Candidate", query: "SlotQuery",
+                       session: Optional["Session"] = None) -> Optional[str]:
+        """``"<plugin>: <reason>"`` from the first plugin that leaves the candidate out, else None.
+        Fails open: a raising plugin, or one answering with something other than a string, keeps it."""
+        hook_name = "slotengine_exclude_slot"
+        for plugin, outcome in self._each(hook_name, {"candidate": candidate, "query": query, "session": session}):
+            if isinstance(outcome, str) and outcome:
+                return f"{plugin}: {outcome}"
+            if outcome is not None and not isinstance(outcome, Exception):
+                log.error("plugin returned an unusable slot exclusion", extra={"plugin": plugin, "hook": hook_name})
+                self.metrics.plugin_errors.labels(plugin, hook_name).inc()
+        return None
 
     @property
     def has_scorers(self) -> bool:
         return bool(self.pm.hook.slotengine_score_slot.get_hookimpls())
 
     @property
+    def has_slot_filters(self) -> bool:
+        return bool(self.pm.hook.slotengine_exclude_slot.get_hookimpls())
+
+    @property
     def has_booking_checks(self) -> bool:
         """Whether any plugin judges bookings (the engine then loads the patient for it)."""
         return bool(self.pm.hook.slotengine_check_booking.get_hookimpls())
+
+    @property
+    def has_overbook_judges(self) -> bool:
+        return bool(self.pm.hook.slotengine_allow_overbook.get_hookimpls())
+
+    def allow_overbook(self, session: "Session", candidate: "Candidate", patient_id: Optional[int],
+                       appointment_type: str, action: str) -> dict[str, Any]:
+        """The plugins' verdict on a seat above a full slot's capacity: the allowing
+        plugin's dict, or the first refusal's, with ``plugin`` added.  Fails closed:
+        a raising plugin, an unusable answer, or no plugin allowing, refuses."""
+        hook_name = "slotengine_allow_overbook"
+        kwargs = {"session": session, "candidate": candidate, "patient_id": patient_id,
+                  "appointment_type": appointment_type, "action": action}
+        allowed: Optional[dict[str, Any]] = None
+        for plugin, outcome in self._each(hook_name, kwargs):
+            if isinstance(outcome, Exception):
+                return {"allow": False, "plugin": plugin,
+                        "reason": f"{plugin} could not judge the overbooking ({type(outcome).__name__})"}
+            if outcome is None:
+                continue
+            if not isinstance(outcome, dict) or not isinstance(outcome.get("allow"), bool):
+                log.error("plugin returned an unusable overbooking verdict", extra={"plugin": plugin})
+                self.metrics.plugin_errors.labels(plugin, hook_name).inc()
+                return {"allow": False, "plugin": plugin, "reason": f"{plugin} returned an unusable answer"}
+            if not outcome["allow"]:
+                return {**outcome, "plugin": plugin}
+            allowed = allowed or {**outcome, "plugin": plugin}
+        return allowed or {"allow": False, "plugin": "", "reason": "no plugin allows overbooking"}
 
     # --- after a change -----------------------------------------------------------
 
@@ -546,6 +601,16 @@ class PluginHost:
                 self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(time.perf_counter() - started)
             if result is not None:
                 return result
+        return None
+
+    def schedule_owner(self, session: "Session", provider_id: Optional[int], location_id: Optional[int]) -> Optional[str]:
+        kwargs = {"session": session, "provider_id": provider_id, "location_id": location_id}
+        for plugin, outcome in self._each("slotengine_schedule_owner", kwargs):
+            if isinstance(outcome, BaseException):
+                raise PluginError(f"plugin {plugin!r} failed to say who owns the calendar: "
+                                  f"{type(outcome).__name__}: {outcome}", plugin)
+            if outcome is not None:
+                return str(outcome)
         return None
 
     def score_waitlist_entry(self, entry: "WaitlistEntry", slot: "Slot") -> float:

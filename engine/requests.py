@@ -60,6 +60,8 @@ class PatientRecord:
     preferred_latest: Optional[time] = None
     preferred_channel: Optional[str] = None
     confidential: Optional[bool] = None
+    deceased: Optional[bool] = None
+    deceased_at: Optional[datetime] = None
 
 
 @dataclass
@@ -96,6 +98,8 @@ class BookingRequest:
     notes: str = ""
     placer_id: Optional[str] = None
     filler_id: Optional[str] = None
+    # a full slot may take one more patient if a plugin allows it (slotengine_allow_overbook)
+    overbook: bool = False
 
 
 @dataclass
@@ -134,6 +138,9 @@ class SlotQuery:
     earliest: Optional[time] = None
     latest: Optional[time] = None
     limit: int = 10
+    # when fewer free slots than ``limit`` fit, also offer seats in full slots that a
+    # plugin allows (slotengine_allow_overbook), ranked after every free slot
+    overbook: bool = False
 
 
 @dataclass
@@ -148,9 +155,12 @@ class Candidate:
     seats_left: int
     score: float = 0.0
     slot_ids: tuple[int, ...] = ()
+    scores: dict[str, float] = field(default_factory=dict)  # each scoring plugin's share of ``score``
+    excluded: str = ""  # "<plugin>: <reason>" when a plugin left it out of the search
+    overbook: Optional[dict[str, Any]] = None  # a seat above a full slot's capacity: the plugins' verdict
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        row = {
             "slot_id": self.slot_id,
             "slot_ids": list(self.slot_ids or (self.slot_id,)),
             "start": self.start.isoformat(),
@@ -161,7 +171,30 @@ class Candidate:
             "slot_type": self.slot_type,
             "seats_left": self.seats_left,
             "score": self.score,
+            "scores": dict(self.scores),
         }
+        if self.excluded:
+            row["excluded"] = self.excluded
+        if self.overbook is not None:
+            row["overbook"] = self.overbook
+        return row
+
+
+@dataclass(frozen=True)
+class ChangeOutcome:
+    """What ``Scheduler.request_*`` did: ``applied`` here at once (slotengine
+    owns the calendar), or ``requested`` of ``owner`` (change request
+    ``request_id``), counting only once the owner confirms it."""
+
+    status: str  # applied | requested
+    appointment_id: int
+    appointment_status: str
+    owner: Optional[str] = None
+    request_id: Optional[int] = None
+
+    @property
+    def applied(self) -> bool:
+        return self.status == "applied"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
@@ -42,9 +43,11 @@ from engine.models import (
     AppointmentResource,
     AppointmentSlot,
     AuditEntry,
+    ChangeRequest,
     Coverage,
     Location,
     Patient,
+    PatientFlag,
     PatientIdentifier,
     Provider,
     Reservation,
@@ -60,6 +63,7 @@ from engine.requests import (
     BookingRequest,
     Candidate,
     Change,
+    ChangeOutcome,
     CoverageRecord,
     ExternalAppointment,
     PatientRecord,
@@ -119,6 +123,8 @@ class EngineSettings:
     emergency_release: timedelta = timedelta(minutes=120)
     no_show_grace: timedelta = timedelta(minutes=15)
     hold_duration: timedelta = timedelta(minutes=10)
+    #: How long a change asked of a calendar's outside owner (mirror mode) may wait for its answer.
+    owner_answer_timeout: timedelta = timedelta(minutes=30)
     default_timezone: str = "America/New_York"
 
 
@@ -154,6 +160,11 @@ def _snapshot(appointment: Appointment) -> dict[str, Any]:
         "type": appointment.appointment_type,
         "resource_ids": sorted(r.resource_id for r in appointment.resources),
     }
+
+
+def _with_overbook(snapshot: dict[str, Any], overbooks: list[dict[str, Any]]) -> dict[str, Any]:
+    """An audit snapshot with the overbooking verdicts (why the seat above capacity was given)."""
+    return {**snapshot, "overbook": overbooks} if overbooks else snapshot
 
 
 def _mirror_view(appointment: Appointment) -> tuple:
@@ -280,8 +291,11 @@ class Scheduler:
 
     # --- slot search -------------------------------------------------------------
 
-    def free_slots(self, query: SlotQuery) -> list[Candidate]:
-        """Free slots that fit the request, ranked: plugin scores, then earliest."""
+    def free_slots(self, query: SlotQuery, excluded: Optional[list[Candidate]] = None) -> list[Candidate]:
+        """Free slots that fit the request, ranked: plugin scores, then earliest.
+
+        Plugins may leave candidates out (``slotengine_exclude_slot``); pass a
+        list as ``excluded`` to receive those, each with its reason."""
         now = self.clock.now()
         with self.sessions() as session:
             providers = self._matching_providers(session, query)
@@ -312,7 +326,6 @@ class Scheduler:
             conditions = [
                 Slot.start >= query.start,
                 Slot.start < query.end,
-                Slot.booked < Slot.capacity,
                 Slot.blocked.is_(False),
                 Slot.slot_type.in_(types),
             ]
@@ -334,15 +347,16 @@ class Scheduler:
                 conditions.append(Slot.local_minute < latest.hour * 60 + latest.minute)
             conditions.append(Slot.start >= now)
             want = query.limit * (5 if self.plugins.has_scorers else 1)
+            filtered = self.plugins.has_slot_filters
             duration = timedelta(minutes=query.duration_minutes) if query.duration_minutes else None
             rows = session.execute(
                 select(
                     Slot.id, Slot.start, Slot.end, Slot.provider_id, Slot.resource_id,
                     Slot.location_id, Slot.slot_type, Slot.capacity - Slot.booked,
                 )
-                .where(and_(*conditions))
+                .where(and_(*conditions), Slot.booked < Slot.capacity)
                 .order_by(Slot.start, Slot.id)
-                .limit(want * 4 + 20)
+                .limit(want * (8 if filtered else 4) + 20)  # room for the candidates filters leave out
             ).all()
             candidates: list[Candidate] = []
             for row in rows:
@@ -359,17 +373,62 @@ class Scheduler:
                     end = start + duration
                 if any(b_start < end and start < b_end for b_start, b_end in busy):
                     continue
-                candidates.append(
-                    Candidate(slot_id, start, end, provider_id, resource_id, location_id, slot_type, left,
-                              slot_ids=slot_ids)
-                )
+                candidate = Candidate(slot_id, start, end, provider_id, resource_id, location_id, slot_type, left,
+                                      slot_ids=slot_ids)
+                if filtered:
+                    candidate.excluded = self.plugins.slot_exclusion(candidate, query, session) or ""
+                    if candidate.excluded:
+                        if excluded is not None:
+                            excluded.append(candidate)
+                        continue
+                candidates.append(candidate)
                 if len(candidates) >= want:
                     break
+            if query.overbook and len(candidates) < query.limit and self.plugins.has_overbook_judges:
+                candidates += self._overbook_candidates(session, query, conditions, duration, busy,
+                                                        want - len(candidates), excluded)
             if self.plugins.has_scorers:
                 for candidate in candidates:
-                    candidate.score = self.plugins.score(candidate, query)
-                candidates.sort(key=lambda c: (-c.score, c.start, c.slot_id))
+                    candidate.scores = self.plugins.slot_scores(candidate, query, session)
+                    candidate.score = sum(candidate.scores.values())
+                # a seat above capacity is the last resort: after every free slot
+                candidates.sort(key=lambda c: (c.overbook is not None, -c.score, c.start, c.slot_id))
             return candidates[: query.limit]
+
+    def _overbook_candidates(self, session: Session, query: SlotQuery, conditions: list, duration: Optional[timedelta],
+                             busy: list[tuple[datetime, datetime]], want: int,
+                             excluded: Optional[list[Candidate]]) -> list[Candidate]:
+        """Seats in full slots that the plugins allow (``slotengine_allow_overbook``), each
+        with the verdict.  One slot each: an overbooked visit does not span slots."""
+        rows = session.execute(
+            select(Slot.id, Slot.start, Slot.end, Slot.provider_id, Slot.resource_id, Slot.location_id, Slot.slot_type)
+            .where(and_(*conditions), Slot.booked >= Slot.capacity, Slot.provider_id.is_not(None))
+            .order_by(Slot.start, Slot.id)
+            .limit(want * 4 + 20)
+        ).all()
+        found: list[Candidate] = []
+        for slot_id, start, end, provider_id, resource_id, location_id, slot_type in rows:
+            if duration and end - start < duration:
+                continue
+            end = start + duration if duration else end
+            if any(b_start < end and start < b_end for b_start, b_end in busy):
+                continue
+            candidate = Candidate(slot_id, start, end, provider_id, resource_id, location_id, slot_type, 0,
+                                  slot_ids=(slot_id,))
+            if self.plugins.has_slot_filters:
+                candidate.excluded = self.plugins.slot_exclusion(candidate, query, session) or ""
+                if candidate.excluded:
+                    if excluded is not None:
+                        excluded.append(candidate)
+                    continue
+            verdict = self.plugins.allow_overbook(session, candidate, query.patient_id, query.appointment_type,
+                                                  "search")
+            if verdict["allow"]:
+                candidate.overbook = verdict
+                found.append(candidate)
+                if len(found) >= want:
+                    break
+        return found
 
     def _matching_providers(self, session: Session, query: SlotQuery) -> Optional[list[int]]:
         """Provider ids allowed by the query, or None for "any" (no provider criterion)."""
@@ -429,7 +488,10 @@ class Scheduler:
         """Take the time for a short while (``hold_duration``) until confirmed."""
         return self._book(request, actor, hold=True)
 
-    def _book(self, request: BookingRequest, actor: Actor, *, hold: bool) -> Appointment:
+    def _book(self, request: BookingRequest, actor: Actor, *, hold: bool,
+              owner: Optional[str] = None) -> Appointment:
+        """``owner``: the outside system asked for this booking; it gives the filler id, and
+        the hold lasts until it answers."""
         if request.appointment_type not in APPOINTMENT_TYPES:
             raise InvalidRequest(
                 f"unknown appointment type {request.appointment_type!r}; expected one of {', '.join(APPOINTMENT_TYPES)}"
@@ -445,7 +507,8 @@ class Scheduler:
                         # written as what it is about to become, so that a plain booking is one
                         # INSERT (plus the filler id); audited as requested -> booked/held
                         status=(Status.HELD if hold else Status.BOOKED).value,
-                        hold_expires_at=now + self.settings.hold_duration if hold else None,
+                        hold_expires_at=now + (self.settings.owner_answer_timeout if owner else
+                                               self.settings.hold_duration) if hold else None,
                         appointment_type=request.appointment_type,
                         reason=request.reason,
                         urgency=request.urgency,
@@ -459,13 +522,14 @@ class Scheduler:
                         resources=[],
                     )  # not added: _occupy writes it once its time is claimed
                     claimed: list[int] = []
-                    seat = self._occupy(session, appointment, request, now, claimed)  # writes the row
-                    if not appointment.filler_id:
+                    overbooks: list[dict[str, Any]] = []
+                    seat = self._occupy(session, appointment, request, now, claimed, overbooks)  # writes the row
+                    if not appointment.filler_id and owner is None:
                         filler_id = f"SE{appointment.id}"
                         session.connection().execute(
                             _SET_FILLER_ID, {"appointment_id": appointment.id, "new_filler_id": filler_id})
                         set_committed_value(appointment, "filler_id", filler_id)
-                    target = Status.HELD if hold else (Status.OVERBOOKED if seat else Status.BOOKED)
+                    target = Status.HELD if hold else (Status.OVERBOOKED if seat or overbooks else Status.BOOKED)
                     decision = self._check_booking(session, appointment, "hold" if hold else "book")
                     if decision.decision == "veto":
                         raise BookingVetoed(decision.plugin, decision.reason)
@@ -483,8 +547,9 @@ class Scheduler:
                         actor,
                         appointment.review_reason or request.reason,
                         slot_ids=tuple(claimed),
+                        detail={"overbook": overbooks} if overbooks else {},
                     )
-                    self._record(session, work, change, after=_snapshot(appointment))
+                    self._record(session, work, change, after=_with_overbook(_snapshot(appointment), overbooks))
                 return appointment
             except SlotUnavailable:
                 if attempt == 2 or not self.release_expired_holds():
@@ -515,15 +580,20 @@ class Scheduler:
         return list(session.scalars(select(AppointmentSlot.slot_id).where(AppointmentSlot.appointment_id == appointment_id)))
 
     def _occupy(self, session: Session, appointment: Appointment, request: BookingRequest, now: datetime,
-                claimed_slot_ids: Optional[list[int]] = None) -> int:
+                claimed_slot_ids: Optional[list[int]] = None,
+                overbooks: Optional[list[dict[str, Any]]] = None) -> int:
         """Claim slots and reservations for the appointment; returns the seat (0 = not overbooked).
 
         The hot path of every booking, so it speaks Core, not ORM: the slots are
         claimed before the appointment row is written (a refusal costs little),
         and the reservation rows of provider, resources and patient go in with
         one ``INSERT … ON CONFLICT DO NOTHING RETURNING``: what did not come back
-        was taken by somebody else.  ``claimed_slot_ids`` receives the slot ids."""
+        was taken by somebody else.  ``claimed_slot_ids`` receives the slot ids,
+        ``overbooks`` the plugins' verdict for each seat taken above a full
+        slot's capacity (``request.overbook``)."""
         connection = session.connection()  # Core statements below: no autoflush, no ORM bookkeeping
+        overbooks = [] if overbooks is None else overbooks
+        overbooked_to = 0  # the highest slot count an overbooking reached: the provider seats needed
         whole = None
         if request.slot_id is not None and request.start is None and request.duration_minutes is None:
             # The usual request, one whole slot: claimed, with its provider's time blocks
@@ -571,10 +641,14 @@ class Scheduler:
                 if why:
                     raise SlotTypeMismatch(f"slot {slot.id} at {slot.start.isoformat()}: {why}", subject=f"slot:{slot.id}")
                 claimed = connection.execute(_CLAIM_SEAT, {"slot_id": slot.id}).rowcount
+                if claimed != 1 and request.overbook and not slot.blocked:
+                    overbooked_to = max(overbooked_to,
+                                        self._claim_overbook_seat(session, appointment, slot, start, end, overbooks))
+                    claimed = 1
                 if claimed != 1:
                     raise SlotUnavailable(f"slot {slot.id} at {slot.start.isoformat()} is full", subject=f"slot:{slot.id}")
                 slot_ids.append(slot.id)
-        capacity = min((s.capacity for s in slots), default=1)
+        capacity = max(min((s.capacity for s in slots), default=1), overbooked_to)
         # sorted: two bookings asking for the same rooms lock them in the same order (no deadlock)
         resource_ids = sorted(set(request.resource_ids))
         self._check_blocks(session, None if whole is not None else appointment.provider_id, resource_ids, start, end)
@@ -594,6 +668,27 @@ class Scheduler:
         for resource_id in resource_ids:
             appointment.resources.append(AppointmentResource(resource_id=resource_id))
         return seat
+
+    def _claim_overbook_seat(self, session: Session, appointment: Appointment, slot, start: datetime, end: datetime,
+                             overbooks: list[dict[str, Any]]) -> int:
+        """One more seat in a full slot if the plugins allow it; returns the slot's new count.
+
+        The slot row is locked first, so the verdict's arithmetic is about the
+        slot as it will be committed (on SQLite the writer lock does the same)."""
+        connection = session.connection()
+        booked = connection.execute(select(_SLOTS.c.booked).where(_SLOTS.c.id == slot.id).with_for_update()).scalar_one()
+        candidate = Candidate(slot.id, start, end, slot.provider_id, slot.resource_id, slot.location_id, slot.slot_type,
+                              0, slot_ids=(slot.id,))
+        verdict = self.plugins.allow_overbook(session, candidate, appointment.patient_id, appointment.appointment_type,
+                                              "book") if self.plugins.has_overbook_judges else \
+            {"allow": False, "plugin": "", "reason": "no plugin allows overbooking"}
+        if not verdict["allow"]:
+            raise SlotUnavailable(f"slot {slot.id} at {slot.start.isoformat()} is full and may not be overbooked: "
+                                  f"{verdict['plugin'] or 'engine'}: {verdict.get('reason', '')}",
+                                  subject=f"slot:{slot.id}")
+        connection.execute(update(_SLOTS).where(_SLOTS.c.id == slot.id).values(booked=_SLOTS.c.booked + 1))
+        overbooks.append({**verdict, "slot_id": slot.id})
+        return booked + 1
 
     @staticmethod
     def _insert_appointment(session: Session, appointment: Appointment) -> None:
@@ -875,11 +970,12 @@ class Scheduler:
             session.flush()
             request = replace(request, patient_id=appointment.patient_id,
                               appointment_type=request.appointment_type or appointment.appointment_type)
-            seat = self._occupy(session, appointment, request, now)
+            overbooks: list[dict[str, Any]] = []
+            seat = self._occupy(session, appointment, request, now, overbooks=overbooks)
             decision = self._check_booking(session, appointment, "reschedule")
             if decision.decision == "veto":
                 raise BookingVetoed(decision.plugin, decision.reason)
-            target = Status.OVERBOOKED if seat else Status.BOOKED
+            target = Status.OVERBOOKED if seat or overbooks else Status.BOOKED
             if decision.decision == "review":
                 # A booked visit stays booked at its new time; staff see why it needs review
                 # (booked -> held is not a move the state machine allows).
@@ -889,12 +985,13 @@ class Scheduler:
             claimed = set(self._slot_ids(session, appointment.id))
             change = Change("rescheduled", appointment.id, current, target.value, actor, reason,
                             slot_ids=tuple(s for s in freed if s not in claimed),
-                            detail={"previous_start": before["start"]})
-            self._record(session, work, change, before=before, after=_snapshot(appointment))
+                            detail={"previous_start": before["start"], **({"overbook": overbooks} if overbooks else {})})
+            self._record(session, work, change, before=before, after=_with_overbook(_snapshot(appointment), overbooks))
         return appointment
 
     def release_expired_holds(self) -> int:
         """Cancel holds whose time ran out; returns how many were released."""
+        self.expire_change_requests()
         now = self.clock.now()
         with self.sessions() as session:
             ids = list(
@@ -915,6 +1012,197 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - confirmed meanwhile; nothing to release
                 log.debug("hold not released", extra={"appointment_id": appointment_id})
         return released
+
+    # --- calendars owned elsewhere (mirror mode) --------------------------------------
+
+    def request_booking(self, request: BookingRequest, actor: Actor, reason: str = "", *,
+                        detail: Optional[dict[str, Any]] = None) -> ChangeOutcome:
+        """Book; or, where an outside system owns the calendar
+        (``slotengine_schedule_owner``), hold the time and ask that system.
+        ``detail`` is kept on the request and handed back in the
+        ``change_confirmed`` / ``change_refused`` / ``change_expired`` change."""
+        with self.unit_of_work() as (session, work):
+            view = self.within(session)
+            provider_id, location_id = self._calendar_of(session, request)
+            owner = self.plugins.schedule_owner(session, provider_id, location_id)
+            if owner is None:
+                appointment = view.book(request, actor)
+                outcome = ChangeOutcome("applied", appointment.id, appointment.status)
+            else:
+                request = replace(request, placer_id=request.placer_id or f"SE-{uuid.uuid4().hex[:16].upper()}")
+                appointment = view._book(request, actor, hold=True, owner=owner)
+                asked = self._ask_owner(session, work, "book", appointment, owner, actor, reason or request.reason,
+                                        detail, start=appointment.start, end=appointment.end,
+                                        provider_id=appointment.provider_id)
+                outcome = ChangeOutcome("requested", appointment.id, appointment.status, owner, asked.id)
+            work.changes.extend(view._deferred)
+        return outcome
+
+    def request_reschedule(self, appointment_id: int, request: BookingRequest, actor: Actor, reason: str = "", *,
+                           detail: Optional[dict[str, Any]] = None) -> ChangeOutcome:
+        """Reschedule; or ask the calendar's outside owner to (our copy keeps its
+        time until the owner's own message moves it)."""
+        with self.unit_of_work() as (session, work):
+            appointment = self._appointment(session, appointment_id)
+            owner = self.plugins.schedule_owner(session, appointment.provider_id, appointment.location_id)
+            if owner is None:
+                view = self.within(session)
+                moved = view.reschedule(appointment_id, request, actor, reason)
+                work.changes.extend(view._deferred)
+                return ChangeOutcome("applied", moved.id, moved.status)
+            if Status(appointment.status) not in (Status.BOOKED, Status.OVERBOOKED):
+                raise InvalidRequest(f"appointment {appointment.id} is {appointment.status}; "
+                                     "only booked appointments are rescheduled")
+            start, end, provider_id = self._requested_time(session, request, appointment)
+            asked = self._ask_owner(session, work, "reschedule", appointment, owner, actor, reason, detail,
+                                    start=start, end=end, provider_id=provider_id)
+            return ChangeOutcome("requested", appointment.id, appointment.status, owner, asked.id)
+
+    def request_cancellation(self, appointment_id: int, actor: Actor, reason: str = "", *,
+                             detail: Optional[dict[str, Any]] = None) -> ChangeOutcome:
+        """Cancel; or ask the calendar's outside owner to."""
+        with self.unit_of_work() as (session, work):
+            appointment = self._appointment(session, appointment_id)
+            owner = self.plugins.schedule_owner(session, appointment.provider_id, appointment.location_id)
+            if owner is None:
+                view = self.within(session)
+                cancelled = view.cancel(appointment_id, actor, reason)
+                work.changes.extend(view._deferred)
+                return ChangeOutcome("applied", cancelled.id, cancelled.status)
+            check_transition(appointment.id, appointment.status, Status.CANCELLED.value)
+            asked = self._ask_owner(session, work, "cancel", appointment, owner, actor, reason, detail)
+            return ChangeOutcome("requested", appointment.id, appointment.status, owner, asked.id)
+
+    def resolve_change_request(self, request_id: int, answer: str, actor: Actor, reason: str = "", *,
+                               filler_id: Optional[str] = None) -> ChangeRequest:
+        """The owner's answer to a request: ``accepted`` (it will; its schedule
+        message confirms later) or ``refused`` (a requested booking's hold is
+        released).  Answers to requests already settled change nothing."""
+        if answer not in ("accepted", "refused"):
+            raise InvalidRequest(f"an owner's answer is accepted or refused, not {answer!r}")
+        now = self.clock.now()
+        with self.unit_of_work() as (session, work):
+            asked = session.scalars(select(ChangeRequest).where(ChangeRequest.id == request_id)
+                                    .with_for_update()).one_or_none()
+            if asked is None:
+                raise NotFound("change request", request_id)
+            if asked.status not in _OPEN_REQUESTS:
+                return asked
+            appointment = self._appointment(session, asked.appointment_id)
+            if filler_id and not appointment.filler_id:
+                appointment.filler_id = filler_id
+            if answer == "accepted":
+                asked.status, asked.outcome = "accepted", reason or "accepted by the owner"
+                return asked
+            self._settle(session, work, asked, appointment, "refused", reason or "refused by the owner", actor, now)
+        return asked
+
+    def expire_change_requests(self) -> int:
+        """Requests their owner did not settle in time: expired, and a requested
+        booking's hold released.  Returns how many expired."""
+        now = self.clock.now()
+        with self.sessions() as session:
+            ids = list(session.scalars(select(ChangeRequest.id).where(
+                ChangeRequest.status.in_(_OPEN_REQUESTS), ChangeRequest.expires_at <= now).limit(500)))
+        expired = 0
+        actor = Actor("system", "request-expiry")
+        for request_id in ids:
+            with self.unit_of_work() as (session, work):
+                asked = session.scalars(select(ChangeRequest).where(ChangeRequest.id == request_id)
+                                        .with_for_update()).one()
+                if asked.status in _OPEN_REQUESTS:
+                    appointment = self._appointment(session, asked.appointment_id)
+                    self._settle(session, work, asked, appointment, "expired",
+                                 f"{asked.owner} did not answer by {asked.expires_at.isoformat()}", actor, now)
+                    expired += 1
+        return expired
+
+    def change_requests(self, *, appointment_id: Optional[int] = None, status: Optional[str] = None,
+                        limit: int = 200) -> list[ChangeRequest]:
+        with self.sessions() as session:
+            stmt = select(ChangeRequest).order_by(ChangeRequest.id.desc()).limit(limit)
+            if appointment_id is not None:
+                stmt = stmt.where(ChangeRequest.appointment_id == appointment_id)
+            if status is not None:
+                stmt = stmt.where(ChangeRequest.status == status)
+            rows = list(session.scalars(stmt))
+            session.expunge_all()
+            return rows
+
+    @staticmethod
+    def _calendar_of(session: Session, request: BookingRequest) -> tuple[Optional[int], Optional[int]]:
+        if request.slot_id is not None:
+            row = session.connection().execute(_SLOT_BY_ID, {"slot_id": request.slot_id}).first()
+            if row is None:
+                raise NotFound("slot", request.slot_id)
+            return row.provider_id, row.location_id
+        if request.provider_id is not None:
+            return request.provider_id, session.scalar(select(Provider.location_id)
+                                                       .where(Provider.id == request.provider_id))
+        return None, None
+
+    @staticmethod
+    def _requested_time(session: Session, request: BookingRequest,
+                        appointment: Appointment) -> tuple[datetime, datetime, Optional[int]]:
+        minutes = request.duration_minutes or int((appointment.end - appointment.start).total_seconds() // 60)
+        if request.slot_id is not None:
+            row = session.connection().execute(_SLOT_BY_ID, {"slot_id": request.slot_id}).first()
+            if row is None:
+                raise NotFound("slot", request.slot_id)
+            return row.start, row.start + timedelta(minutes=minutes), row.provider_id or appointment.provider_id
+        if request.start is None:
+            raise InvalidRequest("a reschedule request needs a slot or a start time")
+        return request.start, request.start + timedelta(minutes=minutes), request.provider_id or appointment.provider_id
+
+    def _ask_owner(self, session: Session, work: _Work, kind: str, appointment: Appointment, owner: str,
+                   actor: Actor, reason: str, detail: Optional[dict[str, Any]], *, start: Optional[datetime] = None,
+                   end: Optional[datetime] = None, provider_id: Optional[int] = None) -> ChangeRequest:
+        now = self.clock.now()
+        asked = ChangeRequest(kind=kind, appointment_id=appointment.id, owner=owner, status="pending",
+                              requested_start=start, requested_end=end, requested_provider_id=provider_id,
+                              reason=reason, actor=actor.label, detail=dict(detail or {}), outcome="",
+                              created_at=now, expires_at=now + self.settings.owner_answer_timeout)
+        session.add(asked)
+        session.flush()
+        change = Change("change_requested", appointment.id, appointment.status, appointment.status, actor, reason,
+                        detail=_request_detail(asked))
+        self._record(session, work, change, entity="change_request", entity_id=asked.id)
+        return asked
+
+    def _settle(self, session: Session, work: _Work, asked: ChangeRequest, appointment: Appointment, status: str,
+                outcome: str, actor: Actor, now: datetime) -> None:
+        """Close a request; a requested booking that did not come about gives its held time back."""
+        asked.status, asked.outcome, asked.decided_at = status, outcome[:2000], now
+        if status != "confirmed" and asked.kind == "book" and appointment.status == Status.HELD.value:
+            before = _snapshot(appointment)
+            freed = self._release(session, appointment)
+            appointment.status, appointment.updated_at, appointment.hold_expires_at = Status.CANCELLED.value, now, None
+            self._record(session, work, Change("hold_expired" if status == "expired" else "cancelled", appointment.id,
+                                               Status.HELD.value, Status.CANCELLED.value, actor, outcome,
+                                               slot_ids=tuple(freed)),
+                         before=before, after=_snapshot(appointment))
+        change = Change(f"change_{status}", appointment.id, appointment.status, appointment.status, actor, outcome,
+                        detail=_request_detail(asked))
+        self._record(session, work, change, entity="change_request", entity_id=asked.id)
+
+    def _settle_by_owner_message(self, session: Session, work: _Work, appointment: Appointment, kind: str,
+                                 actor: Actor) -> None:
+        """The owner's own schedule message is the confirmation a request waits for."""
+        now = self.clock.now()
+        released = Status(appointment.status) in RELEASING
+        for asked in session.scalars(select(ChangeRequest).where(
+                ChangeRequest.appointment_id == appointment.id, ChangeRequest.status.in_(_OPEN_REQUESTS))
+                .order_by(ChangeRequest.id)):
+            if asked.kind == "book":
+                done = Status(appointment.status) in OCCUPYING and appointment.status != Status.HELD.value
+                verdict = "confirmed" if done else ("refused" if released else None)
+            elif asked.kind == "reschedule":
+                verdict = "confirmed" if kind == "rescheduled" and not released else ("refused" if released else None)
+            else:
+                verdict = "confirmed" if released else None
+            if verdict is not None:
+                said = f"{asked.owner} {kind} the appointment"
+                self._settle(session, work, asked, appointment, verdict, said, actor, now)
 
     # --- blocked time ------------------------------------------------------------
 
@@ -1024,7 +1312,8 @@ class Scheduler:
             for name in (
                 "family_name", "given_name", "birth_date", "sex", "language", "email", "phones", "address",
                 "needs_interpreter", "mobility", "other_needs", "preferred_provider_gender", "preferred_weekdays",
-                "preferred_earliest", "preferred_latest", "preferred_channel", "confidential",
+                "preferred_earliest", "preferred_latest", "preferred_channel", "confidential", "deceased",
+                "deceased_at",
             ):
                 value = getattr(record, name)
                 if value is not None:
@@ -1106,6 +1395,33 @@ class Scheduler:
                          entity="coverage", entity_id=coverage.id)
         return coverage
 
+    def set_patient_flags(self, patient_id: int, flags: Sequence[str], actor: Actor, *, source: str,
+                          replace_source: bool = False) -> bool:
+        """Record ``flags`` (``icd10:E11.9``, ``opt_out:recall``…) on the patient as
+        said by ``source``; with ``replace_source`` the source's other flags go
+        (a list stated again in full).  A flag another source set stays that
+        source's.  Returns whether anything changed; a change is audited and
+        announced as ``patient_flags_changed``."""
+        wanted = {flag.strip().lower()[:64] for flag in flags if flag and flag.strip()}
+        with self.unit_of_work() as (session, work):
+            if session.get(Patient, patient_id) is None:
+                raise NotFound("patient", patient_id)
+            held = {row.flag: row.source for row in session.execute(
+                select(PatientFlag.flag, PatientFlag.source).where(PatientFlag.patient_id == patient_id))}
+            added = sorted(wanted - set(held))
+            removed = sorted(f for f, s in held.items() if s == source and f not in wanted) if replace_source else []
+            if not added and not removed:
+                return False
+            now = self.clock.now()
+            session.add_all(PatientFlag(patient_id=patient_id, flag=f, source=source, recorded_at=now) for f in added)
+            if removed:
+                session.execute(delete(PatientFlag).where(PatientFlag.patient_id == patient_id,
+                                                          PatientFlag.flag.in_(removed)))
+            self._record(session, work, Change("patient_flags_changed", None, "", "", actor, source,
+                                               detail={"patient_id": patient_id, "added": added, "removed": removed}),
+                         entity="patient", entity_id=patient_id)
+        return True
+
     def merge_patients(self, survivor_id: int, merged_id: int, actor: Actor, reason: str = "") -> Patient:
         """Fold ``merged_id`` into ``survivor_id``: identifiers, coverage, appointments,
         waitlist entries and reservations move; overlaps that the merge reveals are
@@ -1130,6 +1446,10 @@ class Scheduler:
                 session.execute(update(Coverage).where(Coverage.id.in_(movable)).values(patient_id=survivor_id)
                                 .execution_options(synchronize_session=False))
             session.execute(update(WaitlistEntry).where(WaitlistEntry.patient_id == merged_id).values(patient_id=survivor_id))
+            survivor_flags = select(PatientFlag.flag).where(PatientFlag.patient_id == survivor_id)
+            session.execute(delete(PatientFlag).where(PatientFlag.patient_id == merged_id,
+                                                      PatientFlag.flag.in_(survivor_flags)))
+            session.execute(update(PatientFlag).where(PatientFlag.patient_id == merged_id).values(patient_id=survivor_id))
             moved = list(session.scalars(select(Appointment).where(Appointment.patient_id == merged_id)))
             for appointment in moved:
                 appointment.patient_id = survivor_id
@@ -1228,10 +1548,14 @@ class Scheduler:
             change = Change(kind, appointment.id, current, target.value, actor, external.reason,
                             slot_ids=tuple(freed), detail={"conflict": appointment.conflict} if appointment.conflict else {})
             self._record(session, work, change, before=before, after=_snapshot(appointment))
+            if not created:
+                self._settle_by_owner_message(session, work, appointment, kind, actor)
         return appointment
 
     @staticmethod
     def _mirror_kind(created: bool, current: str, target: Status, moved: bool) -> str:
+        if current == Status.HELD.value and target in (Status.BOOKED, Status.OVERBOOKED):
+            return "booked"  # the owner confirmed a booking we asked for
         if created or current == target.value:
             return "booked" if created and target in OCCUPYING else ("rescheduled" if moved and not created else "modified")
         return {Status.CANCELLED: "cancelled", Status.DISCONTINUED: "discontinued", Status.DELETED: "deleted",
@@ -1256,8 +1580,12 @@ class Scheduler:
                     Reservation.appointment_id != appointment.id))))
                 problems.append(f"{subject} overlaps appointment(s) {', '.join(map(str, others))}")
         if appointment.provider_id is not None:
-            slot_ids = list(session.scalars(select(Slot.id).where(
-                Slot.provider_id == appointment.provider_id, Slot.start < appointment.end, Slot.end > appointment.start)))
+            # an appointment whose every minute overlapped others holds no reservations yet keeps its slot
+            # links: a later message about it must not count it into those slots twice
+            linked = set(self._slot_ids(session, appointment.id))
+            slot_ids = [s for s in session.scalars(select(Slot.id).where(
+                Slot.provider_id == appointment.provider_id, Slot.start < appointment.end, Slot.end > appointment.start))
+                if s not in linked]
             if slot_ids:
                 session.execute(update(Slot).where(Slot.id.in_(slot_ids)).values(booked=Slot.booked + 1)
                                 .execution_options(synchronize_session=False))
@@ -1344,6 +1672,16 @@ class Scheduler:
                 self._record(session, work, change, before=before, after=_snapshot(appointment))
                 return appointment
         return self.confirm_hold(appointment_id, actor, reason)
+
+
+_OPEN_REQUESTS = ("pending", "accepted")
+
+
+def _request_detail(asked: ChangeRequest) -> dict[str, Any]:
+    return {"request_id": asked.id, "request": asked.kind, "owner": asked.owner, "status": asked.status,
+            "requested_start": asked.requested_start.isoformat() if asked.requested_start else None,
+            "requested_end": asked.requested_end.isoformat() if asked.requested_end else None,
+            "requested_provider_id": asked.requested_provider_id, "requester": dict(asked.detail or {})}
 
 
 def _overlaps_any(sorted_intervals: list[tuple[datetime, datetime]], start: datetime, end: datetime) -> bool:

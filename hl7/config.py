@@ -192,6 +192,8 @@ class ClinicConfig:
     emergency_release_minutes: int = 120
     no_show_grace_minutes: int = 15
     hold_minutes: int = 10
+    owner_answer_minutes: int = 30
+    """Mirror mode: how long a change asked of the EHR (SRM) may wait for its SIU."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,33 @@ class FeedConfig:
     """``APP^FACILITY`` or ``APP^*``; empty: any sender."""
     validate: bool = False
     tls: FeedTlsConfig | None = None
+    requests_to: str = ""
+    """Mirror mode: the destination (the EHR's SRM endpoint) that changes our plugins want
+    (waitlist fill, emergency moves) are asked of, as SRM; the EHR's SIU confirms them.
+    Its ``locations`` / ``providers`` say which calendars the EHR owns. Empty: plugins
+    change our copy directly."""
+    expect_message_every_seconds: float = 0.0
+    """The console shows the feed as silent when no message arrived for this long
+    within ``expect_hours`` on ``expect_days`` (clinic time); 0: no expectation."""
+    expect_hours: tuple[time, time] = (time(0), time(0))
+    """Local opening and closing time; equal times mean the whole day."""
+    expect_days: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+    """Weekdays (0 = Monday) on which messages are expected."""
+
+    def expects_messages_at(self, local: datetime) -> bool:
+        """Whether this feed should be busy at clinic-local ``local`` (console silence alarms)."""
+        if self.expect_message_every_seconds <= 0:
+            return False
+        opens, closes = self.expect_hours
+        at = local.time().replace(tzinfo=None)
+        if opens == closes:
+            open_now, day = True, local.weekday()
+        elif opens < closes:
+            open_now, day = opens <= at < closes, local.weekday()
+        else:  # past midnight: the early hours belong to the previous day's opening
+            open_now = at >= opens or at < closes
+            day = local.weekday() if at >= opens else (local.weekday() - 1) % 7
+        return open_now and day in self.expect_days
 
     def allows_peer(self, address: str) -> bool:
         """Whether a connection from IP ``address`` passes ``allowed_peers``.
@@ -306,6 +335,42 @@ class DestinationConfig:
     """SIU events out of :data:`SIU_EVENTS`; empty: all."""
 
 
+CONSOLE_ROLES = ("viewer", "scheduler", "interface")
+"""Console roles: viewers see redacted identifiers only; schedulers also see patient
+data and replay parked messages; the interface team also skips them and retries outbox items."""
+
+
+@dataclass(frozen=True)
+class ConsoleUser:
+    name: str
+    role: str
+    password_hash: str = field(default="", repr=False)
+    """``scrypt$N$r$p$salt$hash`` from ``slotengine console hash-password``; empty:
+    the user signs in only through the reverse proxy's header."""
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """The operator console on the HTTP endpoint (``/console/``)."""
+
+    enabled: bool = False
+    session_minutes: int = 480
+    """A sign-in lasts this long, however busy the user is."""
+    users: tuple[ConsoleUser, ...] = ()
+    proxy_user_header: str = ""
+    """A reverse proxy's header naming the user it authenticated (e.g. ``X-Remote-User``);
+    believed only from ``proxy_peers``. Empty: no proxy sign-in."""
+    proxy_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    proxy_default_role: str = "viewer"
+    """Role of proxy users not listed in ``users``; empty: they are refused."""
+    secure_cookies: bool = False
+    """Mark the session cookie Secure: set it when browsers reach the console over HTTPS."""
+
+    def user(self, name: str) -> ConsoleUser | None:
+        return next((user for user in self.users if user.name == name), None)
+
+
 @dataclass(frozen=True)
 class PluginsConfig:
     disabled: tuple[str, ...] = ()
@@ -327,6 +392,7 @@ class Config:
     feeds: tuple[FeedConfig, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
     plugins: PluginsConfig = PluginsConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     def with_overrides(self, database_url: str | None = None, listen: str | None = None) -> Config:
         """This configuration with the command line's ``--database-url`` and ``--listen``.
@@ -409,9 +475,10 @@ def parse_config(text: str, source: str, base_dir: Path) -> Config:
         logging=_read_logging(root.table("logging")),
         http=http,
         shutdown=_read_shutdown(root.table("shutdown")),
-        feeds=_read_feeds(root),
-        destinations=_read_destinations(root),
+        destinations=(destinations := _read_destinations(root)),
+        feeds=_read_feeds(root, destinations),
         plugins=_read_plugins(root.table("plugins")),
+        console=_read_console(root.table("console"), http),
     )
     root.reject_unknown_keys()
     if checker.problems:
@@ -545,6 +612,35 @@ def _sender(text: str) -> str:
 def _siu_event(text: str) -> str:
     if text not in SIU_EVENTS:
         raise ValueError(f"expected an SIU event S12..S24 or S26, got {text!r}")
+    return text
+
+
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HOURS = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
+
+
+def _weekday(text: str) -> int:
+    if text.lower() not in _WEEKDAYS:
+        raise ValueError(f"expected one of {', '.join(_WEEKDAYS)}; got {text!r}")
+    return _WEEKDAYS.index(text.lower())
+
+
+def _hours(text: str) -> tuple[time, time]:
+    """``"07:00-19:00"``; ``"22:00-06:00"`` runs past midnight; ``24:00`` closes at midnight."""
+    match = _HOURS.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"expected HH:MM-HH:MM, got {text!r}")
+    h1, m1, h2, m2 = (int(part) for part in match.groups())
+    if h2 == 24 and m2 == 0:
+        h2 = 0
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        raise ValueError(f"not a time of day in {text!r}")
+    return time(h1, m1), time(h2, m2)
+
+
+def _header_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
+        raise ValueError(f"expected an HTTP header name such as X-Remote-User, got {text!r}")
     return text
 
 
@@ -792,6 +888,8 @@ def _read_clinic(table: _Table) -> ClinicConfig:
             "no_show_grace_minutes", defaults.no_show_grace_minutes, minimum=0, maximum=MINUTES_PER_DAY
         ),
         hold_minutes=table.integer("hold_minutes", defaults.hold_minutes, minimum=1, maximum=MINUTES_PER_DAY),
+        owner_answer_minutes=table.integer("owner_answer_minutes", defaults.owner_answer_minutes, minimum=1,
+                                           maximum=MINUTES_PER_DAY),
     )
     table.reject_unknown_keys()
     return clinic
@@ -827,11 +925,11 @@ def _read_shutdown(table: _Table) -> ShutdownConfig:
     return shutdown
 
 
-def _read_feeds(root: _Table) -> tuple[FeedConfig, ...]:
+def _read_feeds(root: _Table, destinations: tuple[DestinationConfig, ...]) -> tuple[FeedConfig, ...]:
     feeds = []
     name_owners: dict[str, KeyPath] = {}
     for table in root.tables("feeds"):
-        feed = _read_feed(table)
+        feed = _read_feed(table, destinations)
         if feed is None:
             continue
         owner = name_owners.setdefault(feed.name, table.path)
@@ -842,7 +940,7 @@ def _read_feeds(root: _Table) -> tuple[FeedConfig, ...]:
     return tuple(feeds)
 
 
-def _read_feed(table: _Table) -> FeedConfig | None:
+def _read_feed(table: _Table, destinations: tuple[DestinationConfig, ...]) -> FeedConfig | None:
     """The feed, or None when its name or address is missing or wrong (and reported)."""
     name = table.string("name", None, required=True, convert=_checked_name)
     listen = table.string("listen", None, required=True, convert=ListenAddress.parse)
@@ -863,7 +961,20 @@ def _read_feed(table: _Table) -> FeedConfig | None:
         allowed_senders=table.strings("allowed_senders", convert=_sender),
         validate=table.boolean("validate", defaults.validate),
         tls=_read_feed_tls(tls_table) if tls_table is not None else None,
+        expect_message_every_seconds=table.seconds(
+            "expect_message_every_seconds", defaults.expect_message_every_seconds, minimum=0, maximum=7 * SECONDS_PER_DAY
+        ),
+        expect_hours=table.string("expect_hours", defaults.expect_hours, convert=_hours),
+        expect_days=tuple(sorted(set(table.strings("expect_days", convert=_weekday)))) or defaults.expect_days,
+        requests_to=table.string("requests_to", defaults.requests_to),
     )
+    if settings["requests_to"]:
+        known = [d.name for d in destinations]
+        if settings["mode"] != FeedMode.MIRROR:
+            table.report("requests_to", "only a mirror feed sends requests to the EHR; this feed is in filler mode")
+        elif settings["requests_to"] not in known:
+            table.report("requests_to", f"no [[destinations]] is named {settings['requests_to']!r}"
+                                        + (f"; expected one of {', '.join(known)}" if known else ""))
     table.reject_unknown_keys()
     if name is None or listen is None:
         return None
@@ -926,6 +1037,63 @@ def _read_plugins(table: _Table) -> PluginsConfig:
         else:
             table.report(name, f"expected a table of settings for plugin {name!r}, got {_toml_type_name(value)}")
     return PluginsConfig(disabled=disabled, settings=settings)
+
+
+def _console_role(text: str) -> str:
+    if text not in CONSOLE_ROLES:
+        raise ValueError(f"expected one of {', '.join(CONSOLE_ROLES)}; got {text!r}")
+    return text
+
+
+def _read_console(table: _Table, http: HttpConfig) -> ConsoleConfig:
+    from hl7.console.passwords import check_hash_format
+
+    defaults = ConsoleConfig()
+    users: list[ConsoleUser] = []
+    for user_table in table.tables("users"):
+        name = user_table.string("name", None, required=True, convert=_console_user_name)
+        role = user_table.string("role", None, required=True, convert=_console_role)
+        password_hash = user_table.string("password_hash", "", convert=check_hash_format)
+        user_table.reject_unknown_keys()
+        if name is None or role is None:
+            continue
+        if any(user.name == name for user in users):
+            user_table.report("name", f"console user {name!r} is listed twice")
+            continue
+        users.append(ConsoleUser(name, role, password_hash))
+    console = ConsoleConfig(
+        enabled=table.boolean("enabled", defaults.enabled),
+        session_minutes=table.integer("session_minutes", defaults.session_minutes, minimum=1, maximum=MINUTES_PER_WEEK),
+        users=tuple(users),
+        proxy_user_header=table.string("proxy_user_header", defaults.proxy_user_header, convert=_header_name),
+        proxy_peers=table.strings("proxy_peers", convert=_network) if "proxy_peers" in table._data else defaults.proxy_peers,
+        proxy_default_role=table.string("proxy_default_role", defaults.proxy_default_role,
+                                        convert=lambda text: text and _console_role(text)),
+        secure_cookies=table.boolean("secure_cookies", defaults.secure_cookies),
+    )
+    table.reject_unknown_keys()
+    if console.enabled and not console.secure_cookies and not ipaddress.ip_address(
+            _loopback_candidate(http.listen.host)).is_loopback:
+        table.report("enabled", f"the console would send passwords and session cookies in clear to {http.listen}: "
+                                "keep [http] listen on loopback behind an HTTPS proxy, or set secure_cookies = true")
+    return console
+
+
+def _console_user_name(text: str) -> str:
+    if not 0 < len(text) <= 64 or text.strip() != text or any(not char.isprintable() for char in text):
+        raise ValueError(f"expected 1 to 64 printable characters without surrounding blanks, got {text!r}")
+    return text
+
+
+def _loopback_candidate(host: str) -> str:
+    """``host`` as an address for the loopback check (``localhost`` is loopback; other names are not trusted)."""
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        return "192.0.2.1"
 
 
 # --- where keys are in the text ---------------------------------------------------------

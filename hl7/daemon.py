@@ -37,6 +37,7 @@ from hl7.filler import FillerSettings
 from hl7.httpd import HttpEndpoint
 from hl7.listener import Listener, OutcomeWaiters, feed_runtime
 from hl7.logs import configure_logging, set_level
+from hl7.mirror import MirrorRequests, request_owners
 from hl7.outbound import OutboundDispatcher, OutboundSettings, OutboundSIU
 from hl7.processor import FeedPolicy, Processor
 from hl7.store import RECEIVED, GroupCommitter, MessageStore
@@ -54,6 +55,7 @@ def engine_settings(config: Config) -> EngineSettings:
         emergency_release=timedelta(minutes=clinic.emergency_release_minutes),
         no_show_grace=timedelta(minutes=clinic.no_show_grace_minutes),
         hold_duration=timedelta(minutes=clinic.hold_minutes),
+        owner_answer_timeout=timedelta(minutes=clinic.owner_answer_minutes),
         default_timezone=clinic.timezone,
     )
 
@@ -124,8 +126,14 @@ class Daemon:
         self.engine = prepare_database(config.database.url, config.database.pool_size, config.clinic.data)
         self.sessions = make_session_factory(self.engine)
         self.outbound_settings = OutboundSettings(default_timezone=config.clinic.timezone)
-        self.outbound = OutboundSIU(config.destinations, self.outbound_settings)
-        extra = [("outbound_siu", self.outbound)] if config.destinations else []
+        owners = request_owners(config.feeds, config.destinations)
+        # the EHR hears of its own calendars through our requests (SRM), never through SIU
+        subscribers = [d for d in config.destinations if d not in owners]
+        self.outbound = OutboundSIU(subscribers, self.outbound_settings)
+        self.mirror_requests = MirrorRequests(owners, self.outbound_settings)
+        extra = [("outbound_siu", self.outbound)] if subscribers else []
+        if owners:
+            extra.append(("mirror_requests", self.mirror_requests))
         self.plugins = PluginHost(disabled=config.plugins.disabled, metrics=self.metrics, extra=extra)
         self.scheduler = Scheduler(self.sessions, plugins=self.plugins, clock=self.clock,
                                    settings=engine_settings(config))
@@ -145,8 +153,9 @@ class Daemon:
                                    on_outcomes=self.waiters.resolve_threadsafe)
         self.processor.start()
         self.dispatcher = OutboundDispatcher(self.sessions, self.config.destinations,
-                                             settings=self.outbound_settings, clock=self.clock, metrics=self.metrics)
-        self.outbound.notify = self.dispatcher.wake
+                                             settings=self.outbound_settings, clock=self.clock, metrics=self.metrics,
+                                             scheduler=self.scheduler)
+        self.outbound.notify = self.mirror_requests.notify = self.dispatcher.wake
         self.dispatcher_task = loop.create_task(self.dispatcher.run(), name="outbound")
         for feed in self.config.feeds:
             listener = Listener(feed_runtime(feed), self.committer, self.store, self.waiters, self.metrics, self.clock)
@@ -158,6 +167,9 @@ class Daemon:
                                  metrics=lambda: generate_latest(self.metrics.registry))
         for method, path, handler, _plugin in self.plugins.http_routes():
             self.http.add_route(method, path, handler)
+        self.console = self._console() if self.config.console.enabled else None
+        if self.console is not None:
+            self.http.mount("/console", self.console)
         await self.http.start()
         self.jobs = build_job_scheduler(self.context, self.plugins)
         self.jobs.start()

@@ -12,8 +12,10 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Optional
+from datetime import datetime
+from typing import Any, Optional
 
 from engine.clock import Clock
 from engine.metrics import Metrics
@@ -104,6 +106,11 @@ class Listener:
         self.server: Optional[asyncio.base_events.Server] = None
         self.connections: set[asyncio.Task] = set()
         self.accepting = True
+        # What the operator console shows; written only on the event loop.
+        self._peers: dict[asyncio.Task, tuple[str, datetime]] = {}
+        self._last_message_at: Optional[datetime] = None
+        self._ack_codes: Counter[str] = Counter()
+        self._per_minute: deque[list[int]] = deque(maxlen=16)  # [minute since the epoch, messages]
 
     @property
     def feed(self) -> FeedConfig:
@@ -121,6 +128,16 @@ class Listener:
     @property
     def bound_port(self) -> int:
         return self.server.sockets[0].getsockname()[1]
+
+    def activity(self, now: datetime) -> dict[str, Any]:
+        """Read-only view for the console: connected peers, the last message, messages
+        per minute over the last five minutes, acknowledgement codes since start."""
+        minute = int(now.timestamp() // 60)
+        recent = sum(count for at, count in self._per_minute if minute - 5 <= at < minute)
+        return {"serving": self.server is not None and self.server.is_serving(),
+                "peers": [{"peer": peer, "since": since} for peer, since in list(self._peers.values())],
+                "last_message_at": self._last_message_at, "per_minute": recent / 5,
+                "ack_codes": dict(self._ack_codes)}
 
     async def stop_accepting(self) -> None:
         self.accepting = False
@@ -147,6 +164,7 @@ class Listener:
                 log.warning("connection refused: peer not in allowed_peers",
                             extra={"feed": self.feed.name, "peer": peer_text})
                 return
+            self._peers[task] = (peer_text, self.clock.now())
             await self._serve(reader, writer, peer_text)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
             log.info("connection ended", extra={"feed": self.feed.name, "peer": peer_text,
@@ -157,6 +175,7 @@ class Listener:
             log.error("connection failed", exc_info=True, extra={"feed": self.feed.name, "peer": peer_text})
         finally:
             self.connections.discard(task)
+            self._peers.pop(task, None)
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), 2)
@@ -203,6 +222,7 @@ class Listener:
         feed = self.feed
         self.metrics.messages_received.labels(feed.name).inc()
         now = self.clock.now()
+        self._count_message(now)
         message: Optional[Message] = None
         problems: list[ErrorDetail] = []
         try:
@@ -282,7 +302,16 @@ class Listener:
         ack = await self._application_ack(stored.message_id)
         return self._acknowledged(ack, _code_of(ack, "AA"), started)
 
+    def _count_message(self, now: datetime) -> None:
+        self._last_message_at = now
+        minute = int(now.timestamp() // 60)
+        if self._per_minute and self._per_minute[-1][0] == minute:
+            self._per_minute[-1][1] += 1
+        else:
+            self._per_minute.append([minute, 1])
+
     def _acknowledged(self, ack: Optional[bytes], code: str, started: float) -> Optional[bytes]:
+        self._ack_codes[code] += 1
         self.metrics.messages_acked.labels(self.feed.name, code).inc()
         self.metrics.ack_seconds.labels(self.feed.name).observe(time.perf_counter() - started)
         return ack

@@ -53,6 +53,15 @@ ADT
   the value (name, phones, e-mail, address, language, mobility); an absent
   field changes nothing. A patient that would not change is not written
   (no audit entry, no plugin call), so a resent message changes nothing.
+* PID-30 deceased indicator (Y/N) and PID-29 time of death → ``deceased`` /
+  ``deceased_at`` (a time of death alone means deceased). Patient flags
+  (``set_patient_flags``; unchanged flags write nothing): PD1-11 publicity
+  code, as the CDC immunization guide's table 0215 reads it (01 no
+  reminder/recall, 03/05/07 no calls, 04/05 reminders only, 06/07 recall
+  only, 08-12 to the provider only) → ``opt_out:reminder``,
+  ``opt_out:recall``, ``opt_out:voice``, replaced whenever PD1-11 is valued;
+  DG1-3 diagnoses → ``icd10:<code>`` (``icd9:``, ``snomed:``, else the
+  coding system in lower case), added and never removed by a message.
 * IN1 (+ the IN2 after it) → ``record_coverage``: payer = IN1-3.1 (else
   IN1-2.1, else IN1-4.1), payer name IN1-4, plan IN1-2, group IN1-8,
   effective/expiry IN1-12/13, priority IN1-22 (else IN1-1, else order),
@@ -584,6 +593,7 @@ def _patient_record(ctx: _Context, pid: Segment, pd1: Optional[Segment], pv1: Op
     _address(ctx, pid, record)
     _phones(ctx, pid, record)
     _language(pid, record)
+    _death(ctx, pid, record)
     if pd1 is not None:
         protection = _val(pd1, 12)
         if protection is NULL:
@@ -686,6 +696,47 @@ def _language(pid: Segment, record: PatientRecord) -> None:
     language = _LANGUAGES.get(key) or _LANGUAGES.get(base) or (base if len(base) == 2 else key)
     record.language = language[:32]
     record.needs_interpreter = language != CLINIC_LANGUAGE
+
+
+def _death(ctx: _Context, pid: Segment, record: PatientRecord) -> None:
+    indicator = _val(pid, 30)
+    died = None if _val(pid, 29) is NULL else _dtm(ctx, pid, 29, essential=False)
+    if died is not None:
+        record.deceased, record.deceased_at = True, died.to_utc(ctx.default_tz)
+    elif indicator is NULL:
+        record.deceased = False
+    elif indicator:
+        record.deceased = indicator.upper().startswith("Y")
+
+
+#: PD1-11 publicity code (CDC table 0215, reminder/recall) → what the patient declined.
+_PUBLICITY_OPT_OUTS = {
+    "01": ("opt_out:reminder", "opt_out:recall"), "02": (), "03": ("opt_out:voice",),
+    "04": ("opt_out:recall",), "05": ("opt_out:recall", "opt_out:voice"), "06": ("opt_out:reminder",),
+    "07": ("opt_out:reminder", "opt_out:voice"),
+    **{code: ("opt_out:reminder", "opt_out:recall") for code in ("08", "09", "10", "11", "12")},
+}
+_CODING_SYSTEMS = {"I10": "icd10", "I10C": "icd10", "ICD10": "icd10", "ICD10CM": "icd10", "I9": "icd9",
+                   "I9C": "icd9", "ICD9": "icd9", "ICD9CM": "icd9", "SCT": "snomed", "SNOMEDCT": "snomed"}
+
+
+def _patient_flags(ctx: _Context, patient_id: int, pd1: Optional[Segment]) -> None:
+    publicity = _val(pd1, 11)
+    if publicity is NULL or publicity in _PUBLICITY_OPT_OUTS:
+        with ctx.engine_call(pd1, 11):
+            ctx.scheduler.set_patient_flags(patient_id, _PUBLICITY_OPT_OUTS.get(publicity, ()), ctx.actor,
+                                            source="hl7:PD1-11", replace_source=True)
+    elif publicity:
+        ctx.warn(103, "PD1-11 publicity code is not a table 0215 reminder/recall value; not recorded", pd1, 11)
+    diagnoses = []
+    for dg1 in ctx.message.segments_named("DG1"):
+        code, system = _val(dg1, 3), _val(dg1, 3, 3)
+        if code and code is not NULL:
+            system = "" if system is NULL else system
+            diagnoses.append(f"{_CODING_SYSTEMS.get(_norm(system), system.lower() or 'dx')}:{code.upper()}"[:64])
+    if diagnoses:
+        with ctx.engine_call(ctx.message.first("DG1"), 3):
+            ctx.scheduler.set_patient_flags(patient_id, diagnoses, ctx.actor, source="hl7:DG1")
 
 
 def _owners(ctx: _Context, identifiers: list[Identifier]) -> list[int]:
@@ -833,6 +884,7 @@ def _apply_adt(ctx: _Context) -> str:
     pd1, pv1 = _patient_segments(ctx.message, pid)
     patient_id = _register(ctx, pid, _patient_record(ctx, pid, pd1, pv1))
     _coverages(ctx, patient_id)
+    _patient_flags(ctx, patient_id, pd1)
     if event in ("A01", "A04", "A03", "A11", "A13"):
         _visit_event(ctx, patient_id, pv1)
     return "applied"

@@ -100,7 +100,7 @@ import ssl
 import time as _time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -124,7 +124,7 @@ from engine.models import (
     TimeBlock,
 )
 from engine.plugin import hookimpl
-from engine.requests import Change
+from engine.requests import Actor, Change
 from engine.states import HL7_FILLER_STATUS, Status
 from hl7.ack import Repeat, build_message
 from hl7.config import DestinationConfig
@@ -582,7 +582,8 @@ def build_siu(view: AppointmentView | BlockView, event: str, settings: OutboundS
 
 def build_srm(session: Session, appointment: Appointment | int, trigger: str, settings: OutboundSettings, *,
               control_id: str, now: datetime, destination: str = "", reason: str = "",
-              start: Optional[datetime] = None, end: Optional[datetime] = None, entered_by: str = "") -> bytes:
+              start: Optional[datetime] = None, end: Optional[datetime] = None, entered_by: str = "",
+              provider_id: Optional[int] = None) -> bytes:
     """SRM^<trigger>^SRM_S01 asking the EHR (the filler, in mirror mode) for a change.
 
     ``appointment`` describes what we ask for: its ids (ARQ-1 our placer id —
@@ -590,12 +591,18 @@ def build_srm(session: Session, appointment: Appointment | int, trigger: str, se
     patient, provider, location, resources, type and reason. ``start``/``end``
     (default: the appointment's) become ARQ-11, the requested start range
     (``start == end`` asks for that exact start); ``reason`` is ARQ-6 (why the
-    request is made: e.g. the cancellation reason for S04).
+    request is made: e.g. the cancellation reason for S04); ``provider_id``
+    asks for another provider (AIP) than the appointment's.
     """
     if trigger not in EVENT_TEXTS or not ("S01" <= trigger <= "S11"):
         raise ValueError(f"an SRM trigger is S01..S11, not {trigger!r}")
     appointment_id = appointment if isinstance(appointment, int) else appointment.id
     view = appointment_view(session, appointment_id, default_timezone=settings.default_timezone)
+    if provider_id is not None:
+        other = session.get(Provider, provider_id)
+        if other is None:
+            raise LookupError(f"provider {provider_id} not found")
+        view = replace(view, provider=PartyView(other.code, other.family_name, other.given_name))
     start = start or view.start
     end = end or view.end
     placer = view.placer_id or f"SE{view.id}"
@@ -622,26 +629,32 @@ def build_srm(session: Session, appointment: Appointment | int, trigger: str, se
     segments += nte_segments([line for line in view.notes.splitlines() if line.strip()][:20])
     if view.patient is not None:
         segments.append(patient_segment(view.patient))
-    segments += resource_segments(start=view.start, end=view.end, tz=view.timezone, status=None,
-                                  service=(code, label), provider=view.provider, location=view.location,
-                                  resources=view.resources)
+    segments += resource_segments(start=start, end=end if end != start else start + (view.end - view.start),
+                                  tz=view.timezone, status=None, service=(code, label), provider=view.provider,
+                                  location=view.location, resources=view.resources)
     return build_message(segments)
 
 
 def queue_srm(session: Session, appointment: Appointment | int, trigger: str, destination: str,
-              settings: OutboundSettings, *, now: datetime, **options: Any) -> OutboxItem:
+              settings: OutboundSettings, *, now: datetime, change_request_id: Optional[int] = None,
+              **options: Any) -> OutboxItem:
     """Mirror mode: write an SRM for ``destination`` (the EHR) into the outbox, in
     the caller's transaction; the dispatcher delivers it in order with the SIUs
     of that destination. The EHR's SRR comes back as the acknowledgement: AA
     marks the item ``sent`` (the SRR is kept in ``payload["reply"]``), AE
-    marks it ``refused`` (an answer, not a delivery failure: not retried)."""
+    marks it ``refused`` (an answer, not a delivery failure: not retried).
+    With ``change_request_id`` the dispatcher hands that answer to
+    ``Scheduler.resolve_change_request`` in the same transaction."""
     control_id = new_control_id()
     message = build_srm(session, appointment, trigger, settings, control_id=control_id, now=now,
                         destination=destination, **options)
     appointment_id = appointment if isinstance(appointment, int) else appointment.id
+    payload = {"message": message.decode("utf-8"), "control_id": control_id, "event": trigger,
+               "destination": destination}
+    if change_request_id is not None:
+        payload["change_request_id"] = change_request_id
     item = OutboxItem(channel=channel_for(destination), kind="srm", due_at=now, status=PENDING,
-                      payload={"message": message.decode("utf-8"), "control_id": control_id, "event": trigger,
-                               "destination": destination},
+                      payload=payload,
                       appointment_id=appointment_id, attempts=0, last_error="", created_at=now)
     session.add(item)
     session.flush()
@@ -852,6 +865,7 @@ class _DestinationSender:
         self.last_error = ""
         self.halted = False
         self.sent = 0
+        self.last_sent_at: Optional[datetime] = None
 
     # --- the loop ---------------------------------------------------------------
 
@@ -879,7 +893,9 @@ class _DestinationSender:
                         await self._sleep(min(wait, self.settings.poll_interval))
                         continue
                 outcome = await self._deliver(head)
-                await asyncio.to_thread(self._record, head, outcome)
+                answered = await asyncio.to_thread(self._record, head, outcome)
+                if answered is not None:
+                    await asyncio.to_thread(answered.notify_committed)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -921,7 +937,9 @@ class _DestinationSender:
             return _Head(row.id, row.kind, str(payload.get("control_id", "")),
                          str(payload.get("message", "")).encode("utf-8"), row.attempts, row.due_at)
 
-    def _record(self, head: _Head, outcome: _Delivery) -> None:
+    def _record(self, head: _Head, outcome: _Delivery) -> Optional[Any]:
+        """Commit the outcome of one delivery; returns the scheduler view to notify after
+        commit when the reply answered a change request."""
         now = self.dispatcher.clock.now()
         metrics = self.dispatcher.metrics
         with self.dispatcher.sessions() as session, session.begin():
@@ -943,10 +961,15 @@ class _DestinationSender:
                 if head.kind == "srm" and outcome.reply is not None:
                     payload["reply"] = outcome.reply.decode("utf-8", "replace")
                 item.payload = payload
+                answered = None
+                if head.kind == "srm" and payload.get("change_request_id") is not None:
+                    answered = self._answer_request(session, int(payload["change_request_id"]), outcome)
                 self.sent += outcome.ok
+                if outcome.ok:
+                    self.last_sent_at = now
                 self.last_error = ""
                 metrics.outbox_messages.labels(self.channel, head.kind, item.status).inc()
-                return
+                return answered
             item.last_error = f"{outcome.code}: {outcome.text}"[:2000]
             self.last_error = item.last_error
             if item.attempts >= self.settings.max_attempts:
@@ -963,6 +986,26 @@ class _DestinationSender:
                             extra={"destination": self.destination.name, "outbox_id": item.id,
                                    "control_id": head.control_id, "attempts": item.attempts,
                                    "error": item.last_error[:300]})
+
+    def _answer_request(self, session: Session, request_id: int, outcome: _Delivery) -> Optional[Any]:
+        """The owner's SRR answers a change request: AA accepted (its filler id, SCH-2,
+        noted), AE/AR refused. Joined to the caller's transaction."""
+        scheduler = self.dispatcher.scheduler
+        if scheduler is None:
+            return None
+        filler_id = None
+        if outcome.ok and outcome.reply is not None:
+            try:
+                sch = parse(outcome.reply).first("SCH")
+                filler_id = (sch.value(2) or None) if sch is not None and sch.value(2) != NULL else None
+            except HL7ParseError:
+                log.warning("unreadable SRR from destination", extra={"destination": self.destination.name})
+        view = scheduler.within(session)
+        answer = "accepted" if outcome.ok else "refused"
+        said = f"{self.destination.name} answered {outcome.code}" + (f": {outcome.text}" if outcome.text else "")
+        view.resolve_change_request(request_id, answer, Actor("system", self.destination.name), said,
+                                    filler_id=filler_id)
+        return view
 
     def _hold_leadership(self) -> bool:
         """PostgreSQL: hold (or take) this destination's advisory lock on a dedicated connection."""
@@ -1086,8 +1129,10 @@ class OutboundDispatcher:
 
     def __init__(self, session_factory: sessionmaker, destinations: Iterable[DestinationConfig], *,
                  settings: OutboundSettings = OutboundSettings(), clock: Optional[Clock] = None,
-                 metrics: Optional[Metrics] = None):
+                 metrics: Optional[Metrics] = None, scheduler: Optional[Any] = None):
         self.sessions = session_factory
+        #: the engine's Scheduler: SRR answers to change requests go to it (mirror mode)
+        self.scheduler = scheduler
         self.destinations = tuple(destinations)
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -1151,7 +1196,7 @@ class OutboundDispatcher:
     def status(self) -> dict[str, dict[str, Any]]:
         """Per destination: connected, halted (stopped at a parked item), sent since start, last error."""
         return {name: {"connected": s.writer is not None, "halted": s.halted, "sent": s.sent,
-                       "last_error": s.last_error,
+                       "last_error": s.last_error, "last_sent_at": s.last_sent_at.isoformat() if s.last_sent_at else None,
                        "leader": (s.lock_connection is not None) if self.postgres else True}
                 for name, s in self._senders.items()}
 

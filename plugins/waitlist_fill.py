@@ -142,10 +142,33 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
     if change.kind in FREEING and change.slot_ids:
         plan_task(session, plugin=NAME, kind="fill", due_at=now, now=now, appointment_id=change.appointment_id,
                   payload={"slot_ids": list(change.slot_ids), "why": change.kind})
+    elif change.kind in ("change_confirmed", "change_refused", "change_expired") and \
+            change.detail.get("requester", {}).get("waitlist_offer_id"):
+        _owner_answered(context, session, change, now)
     elif change.kind.startswith("waitlist_") and change.kind != "waitlist_booked" and change.detail.get("waitlist_id"):
         session.execute(update(WaitlistOffer).where(WaitlistOffer.waitlist_id == change.detail["waitlist_id"],
                                                     WaitlistOffer.status == "offered")
                         .values(status="withdrawn", responded_at=now).execution_options(synchronize_session=False))
+
+
+def _owner_answered(context, session: Session, change: Change, now: datetime) -> None:
+    """The EHR settled what an accepted offer asked of it: confirmed, the patient
+    leaves the waitlist; otherwise the offer is ``refused`` and the slot offered again."""
+    offer = session.get(WaitlistOffer, change.detail["requester"]["waitlist_offer_id"], with_for_update=True)
+    if offer is None or offer.status != "requested":
+        return
+    offer.responded_at = now
+    if change.kind == "change_confirmed":
+        offer.status = "accepted"
+        entry = session.get(WaitlistEntry, offer.waitlist_id)
+        if entry is not None and entry.status == "waiting":
+            context.scheduler.within(session).remove_from_waitlist(
+                entry.id, change.actor, f"booked from waitlist offer {offer.id}, confirmed by {change.detail['owner']}",
+                status="booked")
+        return
+    offer.status = "refused"
+    if change.detail["request"] == "reschedule":  # a refused booking frees its hold, which refills by itself
+        _refill(session, offer.slot_id, now, "owner_refused")
 
 
 @hookimpl(trylast=True)
@@ -261,7 +284,7 @@ def offer_slot(context, session: Session, slot: Slot, now: datetime) -> list[Wai
     if room <= 0:
         return []
     holding = set(session.scalars(select(WaitlistOffer.waitlist_id).where(
-        WaitlistOffer.status == "offered", WaitlistOffer.expires_at > now)))
+        ((WaitlistOffer.status == "offered") & (WaitlistOffer.expires_at > now)) | (WaitlistOffer.status == "requested"))))
     exclude = frozenset({o.waitlist_id for o in offers} | holding)
     tz = _zone(session, slot.location_id, context)
     same_day = slot.start.astimezone(zone(tz)).date() == now.astimezone(zone(tz)).date()
@@ -318,29 +341,38 @@ def accept_offer(context, offer_id: int, actor: Optional[Actor] = None) -> dict[
                 return {**result, "result": "withdrawn"}
             actor = actor or Actor("patient", str(entry.patient_id), f"waitlist offer {offer.id}")
             current = session.get(Appointment, entry.current_appointment_id) if entry.current_appointment_id else None
+            # where the EHR owns the calendar these ask it (an SRM) and the booking counts once its SIU confirms
+            asked = {"waitlist_offer_id": offer.id}
             try:
                 if current is not None and current.status in BOOKED:
-                    appointment = view.reschedule(
+                    outcome = view.request_reschedule(
                         current.id, BookingRequest(patient_id=entry.patient_id, appointment_type="",
                                                    slot_id=offer.slot_id, duration_minutes=entry.duration_minutes),
-                        actor, f"earlier time from waitlist offer {offer.id}")
+                        actor, f"earlier time from waitlist offer {offer.id}", detail=asked)
                 else:
-                    appointment = view.book(BookingRequest(
+                    outcome = view.request_booking(BookingRequest(
                         patient_id=entry.patient_id, appointment_type=entry.appointment_type, slot_id=offer.slot_id,
-                        duration_minutes=entry.duration_minutes, urgency=entry.urgency, reason=entry.reason), actor)
+                        duration_minutes=entry.duration_minutes, urgency=entry.urgency, reason=entry.reason), actor,
+                        detail=asked)
             except SchedulingError as exc:
                 offer.status, offer.responded_at = "taken", now
                 return {**result, "result": "taken", "reason": str(exc)}
-            offer.status, offer.responded_at, offer.appointment_id = "accepted", now, appointment.id
+            offer.status = "accepted" if outcome.applied else "requested"
+            offer.responded_at, offer.appointment_id = now, outcome.appointment_id
             session.execute(update(WaitlistOffer).where(WaitlistOffer.slot_id == offer.slot_id,
                                                         WaitlistOffer.status == "offered", WaitlistOffer.id != offer.id)
                             .values(status="taken", responded_at=now).execution_options(synchronize_session=False))
             session.execute(update(WaitlistOffer).where(WaitlistOffer.waitlist_id == entry.id,
                                                         WaitlistOffer.status == "offered", WaitlistOffer.id != offer.id)
                             .values(status="withdrawn", responded_at=now).execution_options(synchronize_session=False))
+            moved_from = current.id if current is not None and current.id == outcome.appointment_id else None
+            if not outcome.applied:
+                result.update(result="requested", appointment_id=outcome.appointment_id, owner=outcome.owner,
+                              request_id=outcome.request_id, moved_from=moved_from)
+                return result
             view.remove_from_waitlist(entry.id, actor, f"booked from waitlist offer {offer.id}", status="booked")
-            result.update(result="accepted", appointment_id=appointment.id, status=appointment.status,
-                          moved_from=current.id if current is not None and current.id == appointment.id else None)
+            result.update(result="accepted", appointment_id=outcome.appointment_id, status=outcome.appointment_status,
+                          moved_from=moved_from)
         view.notify_committed()
     return result
 

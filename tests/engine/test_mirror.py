@@ -151,3 +151,19 @@ def test_a_moved_appointment_gives_back_its_old_time(sch, recorder):
     entry = audit(sch, entity="appointment", entity_id=moved.id)[-1]
     assert (entry.before["start"], entry.after["start"]) == (local(TUESDAY, "08:00").isoformat(),
                                                              local(TUESDAY, "08:30").isoformat())
+
+
+def test_a_wholly_overlapping_appointment_survives_later_messages(sch, recorder):
+    """Every minute of it overlaps another booking of the same patient and provider:
+    it holds no reservations, and a modification or cancellation must still apply."""
+    patient = make_patient(sch)
+    slot = slot_at(sch, "DRSMITH", local(TUESDAY, "10:00"))
+    book(sch, patient.id, slot.id)
+    twin = siu("booked", slot.start, 15, filler_id="EHR-TWIN", patient_id=patient.id,
+               provider_id=provider_id(sch, "DRSMITH"))
+    first = sch.record_external_appointment(twin, EHR)
+    assert first.conflict and reservations(sch, appointment_id=first.id) == []
+    sch.record_external_appointment(replace(twin, notes="bring films"), EHR)
+    assert get_slot(sch, slot.id).booked == 2
+    cancelled = sch.record_external_appointment(replace(twin, status="cancelled"), EHR)
+    assert cancelled.status == "cancelled" and get_slot(sch, slot.id).booked == 1
