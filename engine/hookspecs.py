@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
     from engine.jobs import JobContext
     from engine.models import Appointment, Coverage, Patient, Slot, WaitlistEntry
-    from engine.requests import Candidate, Change, SlotQuery
+    from engine.requests import Actor, Candidate, Change, SlotQuery, UrgentRequest
+    from engine.service import Scheduler
 
 PROJECT = "slotengine"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -261,7 +262,11 @@ def slotengine_schedule_changed(session: "Session", change: "Change", context: "
 
     Results: ignored.  If it raises: the plugin's work is rolled back to a
     savepoint and logged; the change itself still commits (a reminder plan
-    must not cancel a booking).
+    must not cancel a booking).  The implementations share one savepoint
+    while all succeed; when one raises, all of their work is rolled back and
+    each is called again in a savepoint of its own -- so an implementation
+    may be called twice for one change, its first work undone: do only
+    database work through ``session`` here, never send anything.
     """
 
 
@@ -371,4 +376,35 @@ def slotengine_score_waitlist_entry(
     (urgency, days waiting, fit of type, duration, provider, preferences).
 
     If it raises: that plugin's score counts as 0 and the error is logged.
+    """
+
+
+# --- same-day emergencies ------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def slotengine_urgent_request(
+    session: "Session", request: "UrgentRequest", actor: "Actor", scheduler: "Scheduler", context: "JobContext"
+) -> Optional[dict[str, Any]]:
+    """Place a patient who must be seen within ``request.earliest`` ..
+    ``request.latest_start`` (``Scheduler.request_urgent``: the service API,
+    an HL7 SRM whose priority or type marks it urgent, staff on the command
+    line), inside the caller's transaction.  Make every change through
+    ``scheduler`` (bound to ``session``; the caller delivers its after-commit
+    notifications) and never open a second session.
+
+    Return ``{"outcome": "booked" | "applied" | "proposed" | "waiting" |
+    "unplaced", "request_id": ..., "appointment_id": ... or None,
+    "proposal_id": ... or None, "explanation": str}``: booked into free time,
+    booked after moving others (or with added capacity), a proposal waiting
+    for staff, changes asked of the calendar's outside owner, or no way found
+    (staff told).  The built-in ``emergency`` plugin answers last
+    (``trylast``).
+
+    Results: stops at the first non-None result; ``None`` from every plugin
+    means no plugin handles urgent requests, and the engine books the
+    earliest free time in the window (emergency holds first) or answers
+    ``unplaced``.  Runs in a savepoint.  If it raises: the savepoint is
+    rolled back and the error raised to the caller (an urgent request must
+    never vanish silently; an HL7 message is parked).
     """

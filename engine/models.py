@@ -665,3 +665,82 @@ class OverbookDecision(Base):
     expected_overtime_minutes: Mapped[float] = mapped_column(Float)
     decision: Mapped[dict[str, Any]] = mapped_column(JSON)
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# --- same-day emergencies (plugins/emergency.py) -------------------------------------
+
+
+class EmergencyRequest(Base):
+    """An urgent request and what became of it: booked into free time, a
+    proposal (moves or added capacity) applied, rejected or expired, or
+    unplaced.  ``explanation`` keeps each step tried and why."""
+
+    __tablename__ = "emergency_requests"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    appointment_type: Mapped[str] = mapped_column(String(32))
+    duration_minutes: Mapped[int] = mapped_column(Integer)
+    earliest: Mapped[datetime] = mapped_column(UTCDateTime)
+    latest_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
+    specialty: Mapped[str] = mapped_column(String(64), default="")
+    location_id: Mapped[Optional[int]] = mapped_column(ForeignKey("locations.id"))
+    reason: Mapped[str] = mapped_column(String(400), default="")  # clinical: never sent to a patient
+    notes: Mapped[str] = mapped_column(Text, default="")
+    placer_id: Mapped[Optional[str]] = mapped_column(String(100), index=True)
+    requested_by: Mapped[str] = mapped_column(String(100))
+    source: Mapped[str] = mapped_column(String(200), default="")
+    # booked | proposed | waiting | applied | rejected | expired | unplaced
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    appointment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("appointments.id"))
+    explanation: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EmergencyProposal(Base):
+    """How to make room for one urgent request: where the urgent visit goes,
+    whom it moves (``EmergencyMove``) or which added capacity it uses, the
+    objective values that made it the best, and the staff decision."""
+
+    __tablename__ = "emergency_proposals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("emergency_requests.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # moves | on_call | overflow
+    # pending | approved | rejected | applied | expired | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    urgent: Mapped[dict[str, Any]] = mapped_column(JSON)  # the urgent visit's placement
+    patients_moved: Mapped[int] = mapped_column(Integer)
+    delays_minutes: Mapped[list[Optional[float]]] = mapped_column(JSON, default=list)  # largest first; null: cancelled
+    candidates: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # visits considered, and why (not)
+    explanation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    needs_approval: Mapped[bool] = mapped_column(Boolean, default=True)
+    decided_by: Mapped[str] = mapped_column(String(100), default="")
+    decided_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    decision_reason: Mapped[str] = mapped_column(Text, default="")
+    applied_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EmergencyMove(Base):
+    """One patient moved for an urgent request: from where, to where (or
+    cancelled), the delay, the other alternatives they are offered, and
+    whether it happened (``applied``) or awaits the calendar's owner."""
+
+    __tablename__ = "emergency_moves"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    proposal_id: Mapped[int] = mapped_column(ForeignKey("emergency_proposals.id"), index=True)
+    appointment_id: Mapped[int] = mapped_column(ForeignKey("appointments.id"), index=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # reschedule | cancel
+    from_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    from_provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
+    to_start: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    to_provider_id: Mapped[Optional[int]] = mapped_column(ForeignKey("providers.id"))
+    to_slot_id: Mapped[Optional[int]] = mapped_column(ForeignKey("slots.id"))
+    delay_minutes: Mapped[Optional[float]] = mapped_column(Float)
+    alternatives: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # offered besides the new time
+    why: Mapped[str] = mapped_column(Text, default="")
+    # planned | requested | applied | failed | withdrawn | chosen (the patient took an alternative)
+    status: Mapped[str] = mapped_column(String(16), default="planned")
+    applied_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, index=True)

@@ -43,6 +43,8 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("waitlist_fill", "plugins.waitlist_fill"),
     ("recall", "plugins.recall"),
     ("flow", "plugins.flow"),
+    ("noshow", "plugins.noshow"),
+    ("emergency", "plugins.emergency"),
     ("instructions", "plugins.instructions"),
     ("notices", "plugins.notices"),
     ("channels", "plugins.channels"),
@@ -229,9 +231,37 @@ class PluginHost:
             yield impl.plugin_name, outcome
 
     def _each_in_savepoint(self, session: "Session", hook_name: str, kwargs: dict[str, Any]) -> None:
-        """Call every implementation in its own savepoint; a failure undoes only its own work."""
+        """Call every implementation; a failure undoes only its own work.
+
+        One savepoint for all of them (SAVEPOINT and RELEASE cost a statement
+        each, for every plugin of every change); only when one fails is that
+        work rolled back and every implementation run again, each in a
+        savepoint of its own, so the end result is the same."""
+        impls = self._impls(hook_name)
+        if not impls:
+            return
         kwargs = {"context": self.context, "session": session, **kwargs}
-        for impl in self._impls(hook_name):
+        savepoint = session.begin_nested()
+        for impl in impls:
+            started = time.perf_counter()
+            token = self._enter(impl.plugin_name, hook_name)
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception:  # noqa: BLE001 - redone one by one below, where it is logged
+                break
+            finally:
+                self._in_flight.pop(token, None)
+                self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
+                    time.perf_counter() - started
+                )
+        else:
+            savepoint.commit()
+            return
+        savepoint.rollback()
+        self._each_in_own_savepoint(session, impls, hook_name, kwargs)
+
+    def _each_in_own_savepoint(self, session: "Session", impls: list, hook_name: str, kwargs: dict[str, Any]) -> None:
+        for impl in impls:
             started = time.perf_counter()
             savepoint = session.begin_nested()
             token = self._enter(impl.plugin_name, hook_name)
@@ -615,6 +645,24 @@ class PluginHost:
 
     def score_waitlist_entry(self, entry: "WaitlistEntry", slot: "Slot") -> float:
         return self._sum("slotengine_score_waitlist_entry", {"entry": entry, "slot": slot})
+
+    def urgent_request(self, session: "Session", request: Any, actor: Any, scheduler: Any) -> Optional[dict[str, Any]]:
+        """The first plugin's answer to an urgent request (``slotengine_urgent_request``),
+        or ``None`` when none handles them.  One that raises is logged and
+        counted, and the error raised to the caller: the request must not vanish."""
+        hook_name = "slotengine_urgent_request"
+        kwargs = {"session": session, "request": request, "actor": actor, "scheduler": scheduler}
+        for plugin, outcome in self._each(hook_name, kwargs):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome is not None:
+                if not isinstance(outcome, dict) or "outcome" not in outcome:
+                    error = PluginError(f"plugin {plugin!r} answered {hook_name} with an unusable "
+                                        f"{type(outcome).__name__}", plugin)
+                    self._failed(plugin, hook_name, error)
+                    raise error
+                return {**outcome, "plugin": plugin}
+        return None
 
 
 class _Notifier:

@@ -197,6 +197,27 @@ class ChangeOutcome:
         return self.status == "applied"
 
 
+@dataclass
+class UrgentRequest:
+    """A patient who must be seen soon (``Scheduler.request_urgent``): the visit
+    must start between ``earliest`` and ``latest_start`` (UTC; ``None``: the
+    handling plugin's default window), the clinically required window.
+    ``provider_id`` / ``specialty`` / ``location_id`` narrow who may see them;
+    ``placer_id`` is the placer's appointment id of an HL7 request."""
+
+    patient_id: int
+    duration_minutes: int
+    earliest: datetime
+    latest_start: Optional[datetime] = None
+    appointment_type: str = "general"
+    provider_id: Optional[int] = None
+    specialty: Optional[str] = None
+    location_id: Optional[int] = None
+    reason: str = ""
+    notes: str = ""
+    placer_id: Optional[str] = None
+
+
 @dataclass(frozen=True)
 class Change:
     """One committed change to the schedule, as plugins and outbound feeds see it."""

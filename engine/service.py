@@ -68,6 +68,7 @@ from engine.requests import (
     ExternalAppointment,
     PatientRecord,
     SlotQuery,
+    UrgentRequest,
 )
 from engine.states import OCCUPYING, RELEASING, Status, check_transition
 
@@ -77,6 +78,8 @@ APPOINTMENT_TYPES = ("new_patient", "follow_up", "procedure", "emergency", "gene
 SLOT_TYPES = ("new_patient", "follow_up", "procedure", "emergency", "blocked")
 #: Slot types that take only appointments of their own type.
 EXCLUSIVE_SLOT_TYPES = frozenset({"procedure", "follow_up"})
+#: How the placer ids of bookings asked of a calendar's owner begin (``request_booking``).
+REQUESTED_PLACER_PREFIX = "SE-"
 
 # Core tables for the booking hot path (no ORM unit of work per row)
 _SLOTS = Slot.__table__
@@ -1029,7 +1032,8 @@ class Scheduler:
                 appointment = view.book(request, actor)
                 outcome = ChangeOutcome("applied", appointment.id, appointment.status)
             else:
-                request = replace(request, placer_id=request.placer_id or f"SE-{uuid.uuid4().hex[:16].upper()}")
+                request = replace(request, placer_id=request.placer_id or
+                                  f"{REQUESTED_PLACER_PREFIX}{uuid.uuid4().hex[:16].upper()}")
                 appointment = view._book(request, actor, hold=True, owner=owner)
                 asked = self._ask_owner(session, work, "book", appointment, owner, actor, reason or request.reason,
                                         detail, start=appointment.start, end=appointment.end,
@@ -1402,7 +1406,7 @@ class Scheduler:
         (a list stated again in full).  A flag another source set stays that
         source's.  Returns whether anything changed; a change is audited and
         announced as ``patient_flags_changed``."""
-        wanted = {flag.strip().lower()[:64] for flag in flags if flag and flag.strip()}
+        wanted = {flag.strip()[:64] for flag in flags if flag and flag.strip()}
         with self.unit_of_work() as (session, work):
             if session.get(Patient, patient_id) is None:
                 raise NotFound("patient", patient_id)
@@ -1480,6 +1484,53 @@ class Scheduler:
                          entity="patient", entity_id=survivor_id)
         with self.sessions() as session:
             return session.get(Patient, survivor_id)
+
+    # --- urgent requests (same-day emergencies; decided by a plugin) -----------------
+
+    def request_urgent(self, request: UrgentRequest, actor: Actor) -> dict[str, Any]:
+        """Place a patient who must be seen within ``request``'s window, in one transaction.
+
+        The hook ``slotengine_urgent_request`` decides (the built-in
+        ``emergency`` plugin: free time and emergency holds first, else added
+        on-call capacity or the least harmful set of visits to move, with or
+        without staff approval).  Without such a plugin the earliest free time
+        in the window is booked, emergency holds first.  Returns the answer
+        (``outcome``: booked | applied | proposed | unplaced, with
+        ``request_id``, ``appointment_id``, ``proposal_id``, ``explanation``)."""
+        if request.duration_minutes <= 0:
+            raise InvalidRequest("an urgent request needs a positive duration")
+        if self._bound is not None:
+            with self._bound.begin_nested():
+                return self._urgent(self._bound, self, request, actor)
+        with self.sessions() as session:
+            view = self.within(session)
+            with session.begin():
+                outcome = self._urgent(session, view, request, actor)
+            view.notify_committed()
+        return outcome
+
+    def _urgent(self, session: Session, view: "Scheduler", request: UrgentRequest, actor: Actor) -> dict[str, Any]:
+        outcome = self.plugins.urgent_request(session, request, actor, view)
+        if outcome is not None:
+            return outcome
+        latest = request.latest_start or request.earliest
+        candidates = view.free_slots(SlotQuery(
+            appointment_type=request.appointment_type, start=request.earliest, end=latest + timedelta(seconds=1),
+            duration_minutes=request.duration_minutes, provider_id=request.provider_id, specialty=request.specialty,
+            location_id=request.location_id, urgency="urgent", limit=20))
+        answer: dict[str, Any] = {"request_id": None, "proposal_id": None, "plugin": None}
+        for candidate in sorted(candidates, key=lambda c: (c.slot_type != "emergency", c.start, c.slot_id)):
+            try:
+                appointment = view.book(BookingRequest(
+                    patient_id=request.patient_id, appointment_type=request.appointment_type,
+                    slot_id=candidate.slot_id, duration_minutes=request.duration_minutes, urgency="urgent",
+                    reason=request.reason, notes=request.notes, placer_id=request.placer_id), actor)
+            except SlotUnavailable:
+                continue
+            return {**answer, "outcome": "booked", "appointment_id": appointment.id,
+                    "explanation": f"free {candidate.slot_type} time at {candidate.start.isoformat()}"}
+        return {**answer, "outcome": "unplaced", "appointment_id": None,
+                "explanation": "no free time in the window, and no plugin handles urgent requests"}
 
     # --- mirror mode -------------------------------------------------------------
 

@@ -51,6 +51,17 @@ def _open(args, *, migrate_empty: bool = True):
     return config, sessions, Scheduler(sessions, settings=engine_settings(config))
 
 
+def _open_with_plugins(args):
+    """``_open`` with the plugins loaded and configured as the daemon has them (slot
+    scores and filters, running-late estimates); also returns their context."""
+    from engine.jobs import make_context
+    from engine.plugin_host import PluginHost
+
+    config, sessions, scheduler = _open(args)
+    scheduler.plugins = PluginHost(disabled=config.plugins.disabled)
+    return config, sessions, scheduler, make_context(scheduler, plugin_settings=config.plugins.settings)
+
+
 def _emit(rows: Iterable[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
     rows = list(rows)
     if as_json:
@@ -139,7 +150,7 @@ def cmd_db_upgrade(args) -> int:
 
 
 def cmd_slots_find(args) -> int:
-    config, sessions, scheduler = _open(args)
+    config, sessions, scheduler, _context = _open_with_plugins(args)
     with sessions() as session:
         provider_id = None
         if args.provider:
@@ -159,15 +170,84 @@ def cmd_slots_find(args) -> int:
         duration_minutes=args.duration, provider_id=provider_id, specialty=args.specialty,
         patient_id=patient_id, urgency=args.urgency, provider_gender=args.gender, language=args.language,
         earliest=_parse_time(args.earliest), latest=_parse_time(args.latest), limit=args.limit,
+        overbook=args.overbook,
     )
-    candidates = scheduler.free_slots(query)
+    excluded: list = []
+    candidates = scheduler.free_slots(query, excluded=excluded if args.explain else None)
     rows = []
-    for c in candidates:
+    for c in candidates + excluded:
         tz = zones.get(c.location_id, config.clinic.timezone)
         row = c.as_dict()
         row.update(provider=codes.get(c.provider_id, ""), local_start=to_local(c.start, tz).isoformat(), timezone=tz)
         rows.append(row)
-    _emit(rows, args.json, ["slot_id", "local_start", "provider", "slot_type", "seats_left"])
+    _emit(rows, args.json, ["slot_id", "local_start", "provider", "slot_type", "seats_left", "score"]
+          + (["excluded"] if args.explain else []))
+    return 0
+
+
+def _flow_settings(config):
+    from plugins.flow import parse_settings
+
+    try:
+        return parse_settings(config.plugins.settings.get("flow") or {})
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_report_flow(args) -> int:
+    from plugins.flow_report import flow_report, render_png, render_table
+
+    config, sessions, scheduler = _open(args)
+    day = _parse_day(args.date, to_local(scheduler.clock.now(), config.clinic.timezone).date())
+    with sessions() as session:
+        try:
+            reports = flow_report(session, day, _flow_settings(config), args.location)
+        except LookupError as exc:
+            raise CliError(exc.args[0]) from None
+    if args.png:
+        try:
+            render_png(reports, args.png)
+        except (RuntimeError, OSError) as exc:
+            raise CliError(f"cannot write the chart {args.png}: {exc}") from None
+    if args.json:
+        for report in reports:
+            print(json.dumps(report, ensure_ascii=False))
+    else:
+        sys.stdout.write(render_table(reports) if reports else "(no locations)\n")
+    return 0
+
+
+def cmd_flow_late(args) -> int:
+    from plugins.flow import report_running_late
+
+    _config, _sessions, _scheduler, context = _open_with_plugins(args)
+    decision = report_running_late(context, args.provider, args.minutes,
+                                   Actor("operator", args.operator, "cli: flow late"))
+    if args.json:
+        print(json.dumps(decision, ensure_ascii=False))
+        return 0
+    print(decision["explanation"])
+    _emit([{**e, "notice": next((n["channel"] or "front desk to call" for n in decision["notices"]
+                                 if n["appointment_id"] == e["appointment_id"]), "")}
+           for e in decision["estimates"]], False,
+          ["appointment_id", "scheduled_local", "estimated_local", "delay_minutes", "decision", "notice"])
+    print("messages go out with the daemon's flow.send job")
+    return 0
+
+
+def cmd_flow_delays(args) -> int:
+    from plugins.flow import delays_on
+
+    config, sessions, scheduler = _open(args)
+    day = _parse_day(args.date, to_local(scheduler.clock.now(), config.clinic.timezone).date())
+    with sessions() as session:
+        rows = delays_on(session, day, args.provider)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    _emit([{**row, "notified": len(row["notices"])} for row in rows], False,
+          ["id", "at", "provider", "trigger", "observed_minutes", "notified", "explanation"])
     return 0
 
 
@@ -208,6 +288,77 @@ def cmd_appointments_list(args) -> int:
         rows = [appointment_record(a, zones.get(a.location_id, config.clinic.timezone), codes)
                 for a in session.scalars(stmt.limit(args.limit))]
     _emit(rows, args.json, ["id", "filler_id", "status", "type", "local_start", "provider", "patient_id"])
+    return 0
+
+
+def cmd_appointments_risk(args) -> int:
+    from plugins.noshow import risk_rows
+    from plugins.showmodel import reasons_text
+
+    config, sessions, _scheduler = _open(args)
+    with sessions() as session:
+        stmt = select(Appointment).where(Appointment.status.in_(("held", "booked", "overbooked"))) \
+            .order_by(Appointment.start, Appointment.id)
+        if args.date_from:
+            stmt = stmt.where(Appointment.start >= datetime.combine(_parse_day(args.date_from, date.today()), time(0), tzinfo=timezone.utc))
+        if args.date_to:
+            stmt = stmt.where(Appointment.start < datetime.combine(_parse_day(args.date_to, date.today()) + timedelta(days=1), time(0), tzinfo=timezone.utc))
+        if args.provider:
+            stmt = stmt.join(Provider, Provider.id == Appointment.provider_id).where(Provider.code == args.provider)
+        zones = _zones(session)
+        codes = dict(session.execute(select(Provider.id, Provider.code)).all())
+        appointments = list(session.scalars(stmt.limit(args.limit)))
+        risk = risk_rows(session, [a.id for a in appointments])
+    rows = []
+    for appointment in appointments:
+        row = {**appointment_record(appointment, zones.get(appointment.location_id, config.clinic.timezone), codes),
+               **risk[appointment.id]}
+        if args.below is not None and (row["show_probability"] is None or row["show_probability"] >= args.below):
+            continue
+        if not args.json:
+            row["show"] = "" if row["show_probability"] is None else f"{row['show_probability']:.0%}"
+            row["why"] = reasons_text(row["reasons"])
+            row["overbooked"] = row["overbook"][-1]["reason"] if row["overbook"] else ""
+        rows.append(row)
+    _emit(rows, args.json, ["id", "status", "local_start", "provider", "show", "why", "overbooked"])
+    return 0
+
+
+def _noshow_context(args):
+    """The schedule with only the ``noshow`` plugin, configured from the file."""
+    from engine.jobs import make_context
+    from engine.plugin_host import PluginHost
+
+    config, sessions, scheduler = _open(args)
+    if "noshow" in config.plugins.disabled:
+        raise CliError("the noshow plugin is disabled in this configuration")
+    scheduler.plugins = PluginHost(builtins=(("noshow", "plugins.noshow"),), discover=False)
+    return sessions, make_context(scheduler, plugin_settings={"noshow": config.plugins.settings.get("noshow") or {}})
+
+
+def cmd_noshow_model(args) -> int:
+    from plugins.noshow import NAME, model_summary
+
+    sessions, context = _noshow_context(args)
+    with sessions() as session:
+        summary = model_summary(session, context.state[NAME].prior)
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+        return 0
+    print(f"{summary['source']}" + (f", model {summary['model_id']} fitted {summary['fitted_at']} on "
+                                    f"{summary['sample_size']} visits ({summary['no_shows']} no-shows)"
+                                    if summary["model_id"] else ""))
+    for name, value in summary["coefficients"].items():
+        error = summary["standard_errors"].get(name)
+        print(f"  {name:20} {value:+8.3f}" + (f"  ± {error:.3f}" if error is not None else ""))
+    return 0
+
+
+def cmd_noshow_fit(args) -> int:
+    from plugins.noshow import refit
+
+    _sessions, context = _noshow_context(args)
+    print(refit(context, force=True))
     return 0
 
 
@@ -322,6 +473,24 @@ def cmd_jobs_list(args) -> int:
     return 0
 
 
+def cmd_recall_list(args) -> int:
+    from plugins.recall import parse_settings, ticket_rows
+
+    config, sessions, _scheduler = _open(args)
+    try:
+        settings = parse_settings(config.plugins.settings.get("recall") or {}, config.clinic.timezone, secret=False)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    with sessions() as session:
+        rows = ticket_rows(session, settings, args.status, args.limit)
+    if not args.json:
+        for row in rows:
+            row["reason"] = row["reason"][:80]
+    _emit(rows, args.json, ["id", "patient_id", "rule", "status", "due", "window", "contacts", "channels",
+                            "next_action", "reason"])
+    return 0
+
+
 def cmd_outbox_list(args) -> int:
     from hl7.outbound import list_items
 
@@ -364,10 +533,175 @@ def cmd_outbox_retry(args) -> int:
     return 0
 
 
+CHANGE_REQUEST_STATUSES = ("pending", "accepted", "confirmed", "refused", "expired")
+
+
+def cmd_requests_list(args) -> int:
+    config, sessions, scheduler = _open(args)
+    asked = scheduler.change_requests(appointment_id=args.appointment, status=args.status, limit=args.limit)
+    with sessions() as session:
+        if not asked and args.appointment is not None and session.get(Appointment, args.appointment) is None:
+            raise CliError(f"no appointment {args.appointment}")
+        zones = _zones(session)
+        codes = dict(session.execute(select(Provider.id, Provider.code)).all())
+        locations = dict(session.execute(select(Appointment.id, Appointment.location_id)
+                                         .where(Appointment.id.in_({r.appointment_id for r in asked}))).all())
+    rows = []
+    for r in asked:
+        tz = zones.get(locations.get(r.appointment_id), config.clinic.timezone)
+        rows.append({
+            "id": r.id, "kind": r.kind, "status": r.status, "owner": r.owner, "appointment_id": r.appointment_id,
+            "requested_start": r.requested_start.isoformat() if r.requested_start else None,
+            "requested_end": r.requested_end.isoformat() if r.requested_end else None,
+            "requested_local": to_local(r.requested_start, tz).isoformat() if r.requested_start else "",
+            "timezone": tz, "provider": codes.get(r.requested_provider_id, ""),
+            "reason": r.reason, "actor": r.actor, "requester": r.detail, "outcome": r.outcome,
+            "created_at": r.created_at.isoformat(), "expires_at": r.expires_at.isoformat(),
+            "decided_at": r.decided_at.isoformat() if r.decided_at else None,
+        })
+    _emit(rows, args.json, ["id", "kind", "status", "owner", "appointment_id", "requested_local", "provider",
+                            "created_at", "outcome"])
+    return 0
+
+
+# --- same-day emergencies (plugins/emergency.py) -------------------------------------
+
+
+def _open_as_daemon(args):
+    """``_open`` with the plugins as the daemon has them, the outbound SIU feed and the
+    mirror-mode requests included: a change made here is announced (SIU) or asked of
+    the calendar's owner (SRM) exactly as the daemon's own."""
+    from engine.jobs import make_context
+    from engine.plugin_host import PluginHost
+    from hl7.mirror import MirrorRequests, request_owners
+    from hl7.outbound import OutboundSettings, OutboundSIU
+
+    config, sessions, scheduler = _open(args)
+    outbound = OutboundSettings(default_timezone=config.clinic.timezone)
+    owners = request_owners(config.feeds, config.destinations)
+    subscribers = [d for d in config.destinations if d not in owners]
+    extra = [("outbound_siu", OutboundSIU(subscribers, outbound))] if subscribers else []
+    if owners:
+        extra.append(("mirror_requests", MirrorRequests(owners, outbound)))
+    scheduler.plugins = PluginHost(disabled=config.plugins.disabled, extra=extra)
+    context = make_context(scheduler, plugin_settings=config.plugins.settings)
+    if "emergency" not in context.state:
+        raise CliError("the emergency plugin is disabled in this configuration")
+    return config, sessions, scheduler, context
+
+
+def _local_instant(day: date, text: str, tz: str) -> datetime:
+    from engine.calendar import local_to_utc
+
+    moment = _parse_time(text)
+    return local_to_utc(day, moment, tz)
+
+
+def cmd_emergencies_request(args) -> int:
+    from engine.requests import UrgentRequest
+
+    config, sessions, scheduler, _context = _open_as_daemon(args)
+    with sessions() as session:
+        patient_id = _patient_id(session, args.patient)
+        provider_id = location_id = None
+        tz = config.clinic.timezone
+        if args.provider:
+            provider = session.scalars(select(Provider).where(Provider.code == args.provider)).one_or_none()
+            if provider is None:
+                raise CliError(f"unknown provider {args.provider!r}")
+            provider_id = provider.id
+            if provider.location_id:
+                tz = session.get(Location, provider.location_id).timezone
+        if args.location:
+            location = session.scalars(select(Location).where(Location.code == args.location)).one_or_none()
+            if location is None:
+                raise CliError(f"unknown location {args.location!r}")
+            location_id, tz = location.id, location.timezone
+    now = scheduler.clock.now()
+    day = _parse_day(args.date, to_local(now, tz).date())
+    earliest = _local_instant(day, args.earliest, tz) if args.earliest else now
+    if args.latest:
+        latest = _local_instant(day, args.latest, tz)
+    else:
+        latest = earliest + timedelta(minutes=args.within) if args.within else None
+    actor = Actor("operator", args.operator, "cli: emergencies request")
+    outcome = scheduler.request_urgent(UrgentRequest(
+        patient_id=patient_id, duration_minutes=args.duration, earliest=earliest, latest_start=latest,
+        appointment_type=args.type, provider_id=provider_id, specialty=args.specialty, location_id=location_id,
+        reason=args.reason), actor)
+    return _show_emergency(sessions, outcome["request_id"], args.json, outcome)
+
+
+def _show_emergency(sessions, request_id: Optional[int], as_json: bool, outcome: Optional[dict] = None) -> int:
+    from plugins.emergency import describe
+
+    if request_id is None:  # no plugin handles urgent requests: the engine's own answer
+        print(json.dumps(outcome, default=str) if as_json else f"{outcome['outcome']}: {outcome['explanation']}")
+        return 0
+    with sessions() as session:
+        record = describe(session, request_id)
+    if outcome is not None:
+        record = {"outcome": outcome, **record}
+    if as_json:
+        print(json.dumps(record, default=str, ensure_ascii=False))
+        return 0
+    print(f"urgent request {record['id']}: {record['status']}"
+          + (f" (appointment {record['appointment_id']})" if record["appointment_id"] else ""))
+    print(f"  window {record['earliest']} .. {record['latest_start']}, {record['duration_minutes']} min")
+    for step in record["steps"]:
+        print(f"  - {step['step']}: {step['what']}")
+    for proposal in record["proposals"]:
+        print(f"  proposal {proposal['id']} ({proposal['kind']}, {proposal['status']}): urgent at "
+              f"{proposal['urgent']['start']}, {proposal['objective']['patients_moved']} moved, delays "
+              f"{proposal['objective']['delays_minutes']}")
+        for move in proposal["moves"]:
+            print(f"    appointment {move['appointment_id']}: {move['action']} {move['from_start']} -> "
+                  f"{move['to_start'] or 'cancelled'} [{move['status']}] {move['why']}")
+        for candidate in proposal["candidates"]:
+            if not candidate["movable"]:
+                print(f"    appointment {candidate['appointment_id']} left alone: {candidate['why_not']}")
+    return 0
+
+
+def cmd_emergencies_list(args) -> int:
+    from plugins.emergency import list_requests
+
+    _config, sessions, _scheduler = _open(args)
+    with sessions() as session:
+        rows = list_requests(session, status=args.status, limit=args.limit)
+    _emit(rows, args.json, ["id", "status", "earliest", "latest_start", "appointment_id", "proposal_id",
+                            "proposal_status", "patients_moved"])
+    return 0
+
+
+def cmd_emergencies_show(args) -> int:
+    _config, sessions, _scheduler = _open(args)
+    return _show_emergency(sessions, args.id, args.json)
+
+
+def cmd_emergencies_decide(args) -> int:
+    from plugins.emergency import approve, reject
+
+    _config, sessions, _scheduler, context = _open_as_daemon(args)
+    actor = Actor("operator", args.operator, f"cli: emergencies {args.emergencies_command}")
+    decide = approve if args.emergencies_command == "approve" else reject
+    outcome = decide(context, args.id, actor, args.reason)
+    return _show_emergency(sessions, args.id, args.json, outcome)
+
+
 def cmd_send(args) -> int:
     from hl7.client import send_files
 
     return send_files(args)
+
+
+def cmd_console_hash_password(args) -> int:
+    from hl7.console.cli import PasswordError, cmd_hash_password
+
+    try:
+        return cmd_hash_password(args)
+    except PasswordError as exc:
+        raise CliError(str(exc)) from None
 
 
 # --- parser ------------------------------------------------------------------------
@@ -408,6 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--earliest", metavar="HH:MM")
     find.add_argument("--latest", metavar="HH:MM")
     find.add_argument("--limit", type=int, default=10)
+    find.add_argument("--explain", action="store_true",
+                      help="also list the candidates plugins left out, and why (e.g. an arrival limit)")
+    find.add_argument("--overbook", action="store_true",
+                      help="when few slots are free, also seats in full slots a plugin allows (with its arithmetic)")
 
     appointments = commands.add_parser("appointments", help="appointments").add_subparsers(
         dest="appointments_command", required=True)
@@ -419,6 +757,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--patient")
     listing.add_argument("--conflicts", action="store_true", help="only appointments flagged as overlapping")
     listing.add_argument("--limit", type=int, default=200)
+    risk = schedule_command(appointments, "risk", "show probability, its reasons, and overbooking decisions",
+                            cmd_appointments_risk, listing=True)
+    risk.add_argument("--from", dest="date_from", metavar="DATE")
+    risk.add_argument("--to", dest="date_to", metavar="DATE")
+    risk.add_argument("--provider")
+    risk.add_argument("--below", type=float, metavar="P", help="only appointments less likely than P to be kept")
+    risk.add_argument("--limit", type=int, default=200)
+
+    noshow = commands.add_parser("noshow", help="the show-probability model").add_subparsers(
+        dest="noshow_command", required=True)
+    schedule_command(noshow, "model", "the model in use: coefficients, fit date, sample size", cmd_noshow_model,
+                     listing=True)
+    schedule_command(noshow, "fit", "fit the model on the site's history now and refresh the estimates",
+                     cmd_noshow_fit)
 
     patients = commands.add_parser("patients", help="patients").add_subparsers(dest="patients_command", required=True)
     show = schedule_command(patients, "show", "show one patient", cmd_patients_show, listing=True)
@@ -459,14 +811,87 @@ def build_parser() -> argparse.ArgumentParser:
     oretry.add_argument("--reason", default="")
     oretry.add_argument("--operator", default="cli", help="who decides (recorded in the audit trail)")
 
+    requests = commands.add_parser("requests", help="changes asked of a calendar's owner (mirror mode)").add_subparsers(
+        dest="requests_command", required=True)
+    rlist = schedule_command(requests, "list", "list change requests, newest first, with the owner's answer",
+                             cmd_requests_list, listing=True)
+    rlist.add_argument("--status", choices=CHANGE_REQUEST_STATUSES)
+    rlist.add_argument("--appointment", type=int, metavar="ID")
+    rlist.add_argument("--limit", type=int, default=200)
+
     plugins = commands.add_parser("plugins", help="plugins").add_subparsers(dest="plugins_command", required=True)
     plist = plugins.add_parser("list", help="list plugins and their hooks")
     plist.add_argument("--config", metavar="FILE")
     plist.add_argument("--json", action="store_true")
     plist.set_defaults(handler=cmd_plugins_list)
 
+    report = commands.add_parser("report", help="reports").add_subparsers(dest="report_command", required=True)
+    flow_report = schedule_command(report, "flow", "a location's day: arrivals per window, utilisation, gaps, "
+                                   "overbooks, no-shows", cmd_report_flow, listing=True)
+    flow_report.add_argument("--date", metavar="DATE", help="clinic-local day (default: today)")
+    flow_report.add_argument("--location", metavar="CODE", help="one location (default: every location)")
+    flow_report.add_argument("--png", metavar="FILE", help="also draw the report as a PNG chart")
+
+    flow = commands.add_parser("flow", help="patient flow").add_subparsers(dest="flow_command", required=True)
+    late = schedule_command(flow, "late", "a provider is running late: estimate the day and tell the patients",
+                            cmd_flow_late, listing=True)
+    late.add_argument("--provider", required=True, metavar="CODE")
+    late.add_argument("--minutes", required=True, type=int, help="how many minutes behind the provider is")
+    late.add_argument("--operator", default="cli", help="who says so (recorded with the decision)")
+    delays = schedule_command(flow, "delays", "running-late estimates of a day and what was done",
+                              cmd_flow_delays, listing=True)
+    delays.add_argument("--date", metavar="DATE", help="clinic-local day (default: today)")
+    delays.add_argument("--provider", metavar="CODE")
+
     jobs = commands.add_parser("jobs", help="timed jobs").add_subparsers(dest="jobs_command", required=True)
     schedule_command(jobs, "list", "list timed jobs and their last outcome", cmd_jobs_list, listing=True)
+
+    recalls = commands.add_parser("recall", help="recall of due preventive care").add_subparsers(
+        dest="recall_command", required=True)
+    rlist = schedule_command(recalls, "list", "list recall tickets: rule, due window, contacts and why",
+                             cmd_recall_list, listing=True)
+    rlist.add_argument("--status", action="append", metavar="STATUS",
+                       choices=("open", "contacted", "escalated", "closed", "suppressed"),
+                       help="only tickets in this state (repeatable)")
+    rlist.add_argument("--limit", type=int, default=500)
+
+    console = commands.add_parser("console", help="the operator console").add_subparsers(
+        dest="console_command", required=True)
+    hashing = console.add_parser("hash-password", help="hash a console password (asked on the terminal, or "
+                                                       "the first line of standard input)")
+    hashing.add_argument("--user", metavar="NAME", help="print a whole [[console.users]] table for this user")
+    hashing.add_argument("--role", choices=("viewer", "scheduler", "interface"), default="viewer")
+    hashing.set_defaults(handler=cmd_console_hash_password)
+
+    emergencies = commands.add_parser("emergencies", help="same-day urgent requests").add_subparsers(
+        dest="emergencies_command", required=True)
+    urgent = schedule_command(emergencies, "request", "place an urgent patient (free time, on-call, or moving others)",
+                              cmd_emergencies_request, listing=True)
+    urgent.add_argument("--patient", required=True, help="patient identifier (MRN…) or internal id")
+    urgent.add_argument("--duration", type=int, required=True, metavar="MINUTES")
+    urgent.add_argument("--date", metavar="DATE", help="clinic-local day (default: today)")
+    urgent.add_argument("--from", dest="earliest", metavar="HH:MM", help="earliest start (default: now)")
+    urgent.add_argument("--until", dest="latest", metavar="HH:MM", help="latest start: the clinically required window")
+    urgent.add_argument("--within", type=int, metavar="MINUTES", help="latest start this long after the earliest")
+    urgent.add_argument("--type", default="general", help="appointment type")
+    urgent.add_argument("--provider", help="provider code")
+    urgent.add_argument("--specialty")
+    urgent.add_argument("--location", help="location code")
+    urgent.add_argument("--reason", default="", help="clinical reason (never sent to other patients)")
+    urgent.add_argument("--operator", default="cli", help="who asks (recorded in the audit trail)")
+    elist = schedule_command(emergencies, "list", "list urgent requests", cmd_emergencies_list, listing=True)
+    elist.add_argument("--status", choices=("booked", "proposed", "waiting", "applied", "rejected", "expired",
+                                            "unplaced"))
+    elist.add_argument("--limit", type=int, default=100)
+    eshow = schedule_command(emergencies, "show", "an urgent request, its proposals and why each move was chosen",
+                             cmd_emergencies_show, listing=True)
+    eshow.add_argument("id", type=int)
+    for verb, text in (("approve", "apply the pending proposal of an urgent request"),
+                       ("reject", "turn down the pending proposal: nobody is moved")):
+        decide = schedule_command(emergencies, verb, text, cmd_emergencies_decide, listing=True)
+        decide.add_argument("id", type=int, help="urgent request id")
+        decide.add_argument("--reason", default="", help="why (recorded with the decision)")
+        decide.add_argument("--operator", default="cli", help="who decides (recorded in the audit trail)")
 
     send = commands.add_parser("send", help="send HL7 files over MLLP and check each ACK")
     send.add_argument("files", nargs="+", metavar="FILE")

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -176,6 +176,29 @@ class Daemon:
         log.info("ready", extra={"feeds": [f"{l.feed.name}@{l.feed.listen.host}:{l.bound_port}" for l in self.listeners],
                                  "http": str(http.listen)})
 
+    def _console(self):
+        from hl7.console.app import ConsoleApp, ConsoleRuntime
+
+        runtime = ConsoleRuntime(
+            config=self.config, sessions=self.sessions, clock=self.clock, plugins=self.plugins, metrics=self.metrics,
+            started_at=self.clock.now(),
+            feed_activity=lambda now: {l.feed.name: l.activity(now) for l in self.listeners},
+            destination_status=self.dispatcher.status, job_rows=self._job_rows, stuck_calls=self.plugins.stuck_calls,
+            wake_processor=self.store.new_messages.set, wake_dispatcher=self.dispatcher.wake)
+        return ConsoleApp(runtime, redaction_key=self.config.logging.read_redaction_key())
+
+    def _job_rows(self) -> list[dict[str, Any]]:
+        """``slotengine jobs list`` rows with the live scheduler's next run times, as datetimes."""
+        from engine.jobs import job_table
+
+        next_runs = {job.id: job.next_run_time for job in self.jobs.get_jobs()}
+        rows = job_table(self.sessions, self.plugins)
+        for row in rows:
+            for key in ("last_started_at", "last_finished_at"):
+                row[key] = datetime.fromisoformat(row[key]) if row[key] else None
+            row["next_run_at"] = next_runs.get(row["id"])
+        return rows
+
     # --- health ------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict]:
@@ -241,6 +264,8 @@ class Daemon:
                     listener.runtime.ssl_context.load_verify_locations(cafile=str(feed.tls.client_ca))
             except Exception as exc:  # noqa: BLE001
                 log.error("TLS certificates not reloaded", extra={"feed": feed.name, "error": str(exc)[:300]})
+        if self.console is not None:
+            self.console.reconfigure(fresh.console)
         log.info("configuration reloaded")
 
     # --- shutdown ----------------------------------------------------------------

@@ -33,7 +33,11 @@ What the answer says
   and, per ``FillerSettings.when_taken``, either the nearest free
   alternatives (NTE in the SCH group) or — S01 only — a waitlist entry
   (then the answer is **AA** with SCH-25 ``Waitlist`` and filler id
-  ``SEWL<n>``). A plugin veto (eligibility): 207 ``vetoed``. A booking a
+  ``SEWL<n>``). An *urgent* S01 (ARQ-12 S/A, or an EMERGENCY/URGENT type)
+  with no free time takes the urgent path (``Scheduler.request_urgent``,
+  the ``emergency`` plugin): AA once room is made (others moved, or on-call
+  capacity), or AE 207 ``pending_approval`` while staff decide on the
+  proposal (an SIU S12 follows the booking). A plugin veto (eligibility): 207 ``vetoed``. A booking a
   plugin held for review: 207 ``held_for_review`` *with* the SCH (filler id,
   SCH-25 ``Pending``), because the time is held and the placer will hear an
   SIU S12 when staff confirm it.
@@ -99,7 +103,7 @@ from engine.errors import (
 )
 from engine.models import Appointment, AppointmentResource, AppointmentSlot, Location, Provider, Resource, Slot, \
     WaitlistEntry
-from engine.requests import BookingRequest, Candidate, SlotQuery
+from engine.requests import BookingRequest, Candidate, SlotQuery, UrgentRequest
 from engine.service import Scheduler
 from engine.states import Status
 from hl7.ack import Raw, build_message
@@ -819,8 +823,32 @@ def _new_booking(request: _Request) -> _Answer:
     except (BookingVetoed, InvalidRequest, NotFound) as exc:
         raise _Refused([_engine_err(exc, "ARQ", 1, 1)]) from None
     if appointment is None:
+        if urgency == "urgent":
+            made_room = _urgent(request, want, patient_id, placer)
+            if made_room is not None:
+                return made_room
         return _taken(request, want, reasons, patient_id=patient_id, placer=placer)
     return _state_answer(request, appointment.id)
+
+
+def _urgent(request: _Request, want: _Want, patient_id: int, placer: str) -> Optional[_Answer]:
+    """An urgent S01 that found no free time takes the urgent path (``Scheduler.request_urgent``):
+    booked once room is made, or AE ``pending_approval`` while staff decide (an SIU S12
+    follows the booking); None when no room can be made (answered as any taken time)."""
+    outcome = request.scheduler.request_urgent(UrgentRequest(
+        patient_id=patient_id, duration_minutes=want.minutes or 15, earliest=min(s for s, _e in want.windows),
+        # exact starts only: the urgent path's own default window
+        latest_start=max((e for _s, e in want.windows if e is not None), default=None),
+        appointment_type=want.appointment_type,
+        provider_id=want.provider_id, location_id=want.location_id, reason=request.reason(), notes=request.notes(),
+        placer_id=placer), request.actor)
+    if outcome["appointment_id"] is not None:
+        return _state_answer(request, outcome["appointment_id"])
+    if outcome["outcome"] in ("proposed", "waiting"):
+        return _Answer("AE", [_err(207, f"urgent request {outcome['request_id']}: {outcome['explanation']}; "
+                                        "an SIU S12 follows when it is booked", "ARQ", 1, 11,
+                                   app="pending_approval")], keep=True)
+    return None
 
 
 def _waitlist_answer(request: _Request, entry: WaitlistEntry, status: str = "Waitlist") -> _Answer:

@@ -210,10 +210,10 @@ from sqlalchemy.exc import IntegrityError
 
 from engine.calendar import zone
 from engine.errors import NotFound, SchedulingError
-from engine.models import Appointment, AppointmentResource, Coverage, Location, Patient, PatientIdentifier, Provider, \
-    Resource, TimeBlock
+from engine.models import Appointment, AppointmentResource, ChangeRequest, Coverage, Location, Patient, \
+    PatientIdentifier, Provider, Resource, TimeBlock
 from engine.requests import Actor, CoverageRecord, ExternalAppointment, Identifier, PatientRecord
-from engine.service import Scheduler
+from engine.service import REQUESTED_PLACER_PREFIX, Scheduler
 from engine.states import OCCUPYING, TRANSITIONS, Status
 from hl7.hl7time import DTMError, HL7DateTime, parse_dtm
 from hl7.message import NULL, ErrorDetail, Message, Segment
@@ -1352,10 +1352,14 @@ def _snapshot(ctx: _Context, placer: Optional[str], filler: Optional[str]) -> Op
         row = session.get(Appointment, appointment.id)
         resources = sorted(session.scalars(select(AppointmentResource.resource_id)
                                            .where(AppointmentResource.appointment_id == row.id)))
+        # held until the EHR books it (Scheduler.request_booking): its S12 is that booking, not a late notice
+        asked = row.status == Status.HELD.value and session.scalar(select(ChangeRequest.id).where(
+            ChangeRequest.appointment_id == row.id, ChangeRequest.kind == "book",
+            ChangeRequest.status.in_(("pending", "accepted"))).limit(1)) is not None
         return {"id": row.id, "status": Status(row.status), "start": row.start, "end": row.end,
                 "appointment_type": row.appointment_type, "reason": row.reason, "urgency": row.urgency,
                 "notes": row.notes, "patient_id": row.patient_id, "provider_id": row.provider_id,
-                "location_id": row.location_id, "resource_ids": tuple(resources)}
+                "location_id": row.location_id, "resource_ids": tuple(resources), "asked_of_owner": asked}
 
 
 def _would_change(existing: dict[str, Any], external: ExternalAppointment) -> bool:
@@ -1378,6 +1382,9 @@ def _apply_siu(ctx: _Context) -> str:
     if sch is None:
         raise ctx.fail(100, f"SIU^{ctx.event} without an SCH segment", segment_name="SCH")
     placer, filler = _ei(sch, 1), _ei(sch, 2)
+    if placer and placer.startswith(REQUESTED_PLACER_PREFIX):
+        # a booking we asked the EHR for: kept under the bare id we gave it, which it echoes with our namespace
+        placer = placer.split("^")[0]
     if not (placer or filler):
         raise ctx.fail(101, "SCH-1 (placer appointment id) and SCH-2 (filler appointment id) are both empty",
                        sch, 1)
@@ -1411,7 +1418,7 @@ def _apply_siu(ctx: _Context) -> str:
         filler_id=filler, patient_id=patient_id, provider_id=provider_id, location_id=location_id,
         resource_ids=tuple(resource_ids), reason=reason, urgency=urgency, notes=notes,
     )
-    if existing is not None and ctx.event == "S12":
+    if existing is not None and ctx.event == "S12" and not existing["asked_of_owner"]:
         external = _late_booking(ctx, sch, existing, external)
         target = Status(external.status)
     if existing is not None:

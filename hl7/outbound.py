@@ -130,6 +130,7 @@ from hl7.ack import Repeat, build_message
 from hl7.config import DestinationConfig
 from hl7.framing import MLLPDecoder, frame
 from hl7.hl7time import format_dtm
+from hl7.mapping import _ei
 from hl7.message import NULL, HL7ParseError, parse
 
 __all__ = [
@@ -997,7 +998,8 @@ class _DestinationSender:
         if outcome.ok and outcome.reply is not None:
             try:
                 sch = parse(outcome.reply).first("SCH")
-                filler_id = (sch.value(2) or None) if sch is not None and sch.value(2) != NULL else None
+                # kept as the SIU mapping reads SCH-2 (id^namespace): the EHR's SIU that follows must find it
+                filler_id = _ei(sch, 2) if sch is not None and sch.value(2) != NULL else None
             except HL7ParseError:
                 log.warning("unreadable SRR from destination", extra={"destination": self.destination.name})
         view = scheduler.within(session)

@@ -149,12 +149,6 @@ class Move:
     to: Optional[Placement]  # None: cancelled, no acceptable alternative
     delay_minutes: float  # CANCEL when cancelled
 
-    def as_dict(self) -> dict:
-        return {"appointment_id": self.appointment_id, "patient_id": self.patient_id,
-                "action": "cancel" if self.to is None else "reschedule",
-                "to": None if self.to is None else _placement_dict(self.to),
-                "delay_minutes": None if self.to is None else self.delay_minutes}
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -175,10 +169,6 @@ def objective(plan: Plan) -> tuple:
     return (len(plan.moves), plan.delays, plan.urgent.start,
             tuple(sorted((m.appointment_id, m.to.start if m.to else datetime.max.replace(tzinfo=plan.urgent.start.tzinfo))
                          for m in plan.moves)))
-
-
-def _placement_dict(p: Placement) -> dict:
-    return {"owner": p.owner, "start": p.start.isoformat(), "end": p.end.isoformat(), "slot_ids": list(p.slot_ids)}
 
 
 # --- placements ----------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ from functools import partial
 from typing import Any, Optional
 from urllib.parse import quote
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from engine.calendar import local_to_utc, zone
@@ -236,11 +236,18 @@ def arrival_window(instant: datetime, tz: str, minutes: int) -> tuple[datetime, 
     return start, start + timedelta(minutes=minutes)
 
 
+_APPOINTMENTS = Appointment.__table__
+# Asked for every search candidate: built once (compiled and cache-keyed once), run as Core
+_ARRIVALS = (select(func.count()).select_from(_APPOINTMENTS)
+             .where(_APPOINTMENTS.c.location_id == bindparam("location_id"),
+                    _APPOINTMENTS.c.start >= bindparam("start"), _APPOINTMENTS.c.start < bindparam("end"),
+                    _APPOINTMENTS.c.status.in_(_OCCUPYING)))
+
+
 def arrivals_between(session: Session, location_id: int, start: datetime, end: datetime) -> int:
     """Appointments on the schedule (held, booked, in the clinic or done) starting in [start, end) at a location."""
-    return session.scalar(select(func.count()).select_from(Appointment).where(
-        Appointment.location_id == location_id, Appointment.start >= start, Appointment.start < end,
-        Appointment.status.in_(_OCCUPYING))) or 0
+    return session.connection().execute(
+        _ARRIVALS, {"location_id": location_id, "start": start, "end": end}).scalar_one()
 
 
 @dataclass(frozen=True)
@@ -262,17 +269,24 @@ class WindowLoad:
                 f"{self.start.astimezone(tz):%H:%M}–{self.end.astimezone(tz):%H:%M}")
 
 
-def window_load(session: Session, settings: Settings, location_id: int, instant: datetime) -> Optional[WindowLoad]:
+def window_load(session: Session, context, location_id: int, instant: datetime) -> Optional[WindowLoad]:
     """How full the arrival window of ``instant`` is at a location, or None when it has no limit."""
-    if not settings.max_arrivals:
+    settings = _settings(context)
+    if settings is None or not settings.max_arrivals:
         return None
-    location = session.get(Location, location_id)
-    limit = settings.limit_for(location.code) if location is not None else None
+    # code and zone by location id, kept: the session's identity map would load the row for every candidate
+    known = context.state.setdefault(f"{NAME}.locations", {})
+    if location_id not in known:
+        known[location_id] = session.execute(select(Location.code, Location.timezone)
+                                             .where(Location.id == location_id)).first()
+    if known[location_id] is None:
+        return None
+    code, tz = known[location_id]
+    limit = settings.limit_for(code)
     if limit is None:
         return None
-    start, end = arrival_window(instant, location.timezone, settings.window_minutes)
-    return WindowLoad(location.code, location.timezone, start, end,
-                      arrivals_between(session, location.id, start, end), limit)
+    start, end = arrival_window(instant, tz, settings.window_minutes)
+    return WindowLoad(code, tz, start, end, arrivals_between(session, location_id, start, end), limit)
 
 
 @hookimpl(trylast=True)
@@ -280,7 +294,7 @@ def slotengine_exclude_slot(session: Session, candidate, query: SlotQuery, conte
     settings = _settings(context)
     if settings is None or session is None or settings.over_limit != "exclude" or query.urgency == "urgent":
         return None
-    load = window_load(session, settings, candidate.location_id, candidate.start)
+    load = window_load(session, context, candidate.location_id, candidate.start)
     if load is None or not load.over_limit:
         return None
     return f"arrival limit: {load.describe()}"
@@ -291,10 +305,10 @@ def slotengine_score_slot(session: Session, candidate, query: SlotQuery, context
     settings = _settings(context)
     if settings is None or session is None:
         return None
-    load = window_load(session, settings, candidate.location_id, candidate.start)
+    load = window_load(session, context, candidate.location_id, candidate.start)
     if load is None:
         return None
-    score = -settings.smoothing_weight * load.booked / load.limit
+    score = 0.0 - settings.smoothing_weight * load.booked / load.limit  # 0.0, never -0.0, for an empty window
     if load.over_limit:
         score -= settings.over_limit_penalty
     return round(score, 4)
@@ -543,7 +557,8 @@ def act_on_delay(session: Session, context, *, provider_id: int, trigger: str, a
                 staff_calls.append((appointment, "offer another day (no free slot found)"))
         if not channel:
             reasons.append(f"{why_not}: the front desk is asked to call")
-            staff_calls.append((appointment, f"tell them to arrive at {_hhmm(notice.suggested_arrival, tz)}"))
+            offer = f", or offer them {local_when(notice.offer_start, tz)} instead" if notice.offer_start else ""
+            staff_calls.append((appointment, f"tell them to arrive at {_hhmm(notice.suggested_arrival, tz)}{offer}"))
         notice.reason = "; ".join(reasons)
         record["why"] = notice.reason
         session.add(notice)

@@ -95,7 +95,7 @@ def _location_report(session: Session, day: date, settings: Settings, location: 
     appointments = list(session.scalars(select(Appointment).where(
         Appointment.location_id == location.id, Appointment.start >= day_start, Appointment.start < day_end,
         Appointment.status.in_(_ON_SCHEDULE)).order_by(Appointment.start, Appointment.id)))
-    codes = dict(session.execute(select(Provider.id, Provider.code)))
+    codes = dict(session.execute(select(Provider.id, Provider.code)).all())
     limit = settings.limit_for(location.code)
 
     windows: list[dict[str, Any]] = []
@@ -243,6 +243,7 @@ def render_png(reports: list[dict[str, Any]], path: str) -> None:
         step = max(1, len(windows) // 16)
         arrivals_ax.set_xticks(list(positions)[::step], [w["label"] for w in windows][::step], rotation=60,
                                fontsize=8)
+        arrivals_ax.set_ylim(0, max([w["arrivals"] for w in windows] + [report["limit"] or 0, 1]) + 1)  # room for labels
         arrivals_ax.set_ylabel("patients arriving")
         arrivals_ax.set_title(f"{report['location']} {report['date']}: arrivals per "
                               f"{report['window_minutes']}-minute window ({report['timezone']})")

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from engine.calendar import local_to_utc, zone
@@ -73,6 +73,7 @@ from engine.models import (
     Location,
     OverbookDecision,
     PluginTask,
+    Provider,
     ShowEstimate,
     ShowModel,
     Slot,
@@ -92,6 +93,11 @@ SHOWED = ("arrived", "checked_in", "completed")
 #: Changes after which an appointment's estimate is (re)computed.
 ESTIMATE_ON = ("booked", "held", "rescheduled", "reinstated", "no_show_reversed", "modified")
 MODEL_CACHE_SECONDS = 60.0  # another daemon's refit is seen within this
+_ESTIMATES = ShowEstimate.__table__
+_APPOINTMENTS = Appointment.__table__
+_EVENTS = select(_APPOINTMENTS.c.patient_id, _APPOINTMENTS.c.start, _APPOINTMENTS.c.status,
+                 _APPOINTMENTS.c.updated_at).where(_APPOINTMENTS.c.patient_id.in_(bindparam("patient_ids", expanding=True)),
+                                                   _APPOINTMENTS.c.status.in_(("no_show", "cancelled")))
 
 
 @dataclass(frozen=True)
@@ -201,10 +207,10 @@ def _patient_events(session: Session, patient_ids: Iterable[int]) -> dict[int, l
     ids = sorted(set(patient_ids))
     events: dict[int, list[tuple[datetime, str, datetime]]] = {p: [] for p in ids}
     for i in range(0, len(ids), 500):
-        for patient_id, start, status, updated_at in session.execute(
-                select(Appointment.patient_id, Appointment.start, Appointment.status, Appointment.updated_at)
-                .where(Appointment.patient_id.in_(ids[i:i + 500]),
-                       Appointment.status.in_(("no_show", "cancelled")))):
+        # Core on the session's connection: every booking pays for this query, and the
+        # ORM's own overhead would be most of it (the change is flushed before plugins run)
+        for patient_id, start, status, updated_at in session.connection().execute(
+                _EVENTS, {"patient_ids": ids[i:i + 500]}):
             events[patient_id].append((start, status, updated_at))
     return events
 
@@ -244,13 +250,17 @@ def estimate_appointments(session: Session, context, appointments: Sequence[Any]
     return result
 
 
-def _store(session: Session, appointment_id: int, found: Estimate, model_id: Optional[int], now: datetime) -> None:
-    row = session.get(ShowEstimate, appointment_id)
+def _store(session: Session, appointment_id: int, found: Estimate, model_id: Optional[int], now: datetime, *,
+           new: bool = False) -> None:
+    """Write the estimate; ``new``: the appointment was created in this transaction (one INSERT)."""
+    values = {"probability": round(found.probability, 6), "reasons": found.reasons, "features": found.features,
+              "model_id": model_id, "estimated_at": now}
+    row = None if new else session.get(ShowEstimate, appointment_id)
     if row is None:
-        row = ShowEstimate(appointment_id=appointment_id)
-        session.add(row)
-    row.probability, row.reasons, row.features = round(found.probability, 6), found.reasons, found.features
-    row.model_id, row.estimated_at = model_id, now
+        session.connection().execute(_ESTIMATES.insert(), {"appointment_id": appointment_id, **values})
+    else:
+        for key, value in values.items():
+            setattr(row, key, value)
 
 
 # --- at booking ----------------------------------------------------------------------------
@@ -277,7 +287,7 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
         return
     model_id, _coefficients = current_model(session, context)
     found = estimate_appointments(session, context, [appointment])[appointment.id]
-    _store(session, appointment.id, found, model_id, now)
+    _store(session, appointment.id, found, model_id, now, new=change.from_state == "requested")
     if appointment.status in BOOKED and found.probability < settings.high_risk_below:
         _plan_high_risk(session, appointment, settings, now)
 
@@ -318,43 +328,49 @@ def _minutes(start: datetime, end: datetime) -> int:
 
 def judge(session: Session, context, candidate: Candidate, patient_id: Optional[int], appointment_type: str,
           *, lock: bool = False) -> dict[str, Any]:
-    """The verdict on one more patient in ``candidate``'s full slot, with its arithmetic."""
+    """The verdict on one more patient in ``candidate``'s full slot, with its arithmetic.
+
+    ``lock`` (a booking): serialise with other overbookings of the provider and read
+    everything afresh.  Otherwise (a search judging one slot after another) what was
+    read about a block is reused while its slots' counts are unchanged."""
     settings = _settings(context)
     now = context.clock.now()
     tz = _zone_name(session, candidate.location_id, context)
     block_start, block_end = block_of(candidate.start, tz, settings.block_minutes)
-    slots_in_block = select(Slot.id, Slot.start, Slot.end, Slot.capacity, Slot.booked, Slot.blocked, Slot.slot_type) \
-        .where(Slot.provider_id == candidate.provider_id, Slot.start >= block_start, Slot.start < block_end) \
-        .order_by(Slot.start, Slot.id)
-    if lock:  # two overbookings of one block in parallel would each see room for one
-        slots_in_block = slots_in_block.with_for_update()
-    slots = session.execute(slots_in_block).all()
+    if lock:
+        # Two overbookings of one provider in parallel would each see room for one: the
+        # provider's row serialises them.  Its holder waits for no slot lock afterwards, so
+        # two of them (each holding its own slot, locked by the engine) cannot deadlock.
+        session.execute(select(Provider.id).where(Provider.id == candidate.provider_id).with_for_update())
+    slots = session.execute(
+        select(Slot.id, Slot.start, Slot.end, Slot.capacity, Slot.booked, Slot.blocked, Slot.slot_type)
+        .where(Slot.provider_id == candidate.provider_id, Slot.start >= block_start, Slot.start < block_end)
+        .order_by(Slot.start, Slot.id)).all()
     target = next((s for s in slots if s.id == candidate.slot_id), None)
     if target is None:
         return {"allow": False, "reason": f"slot {candidate.slot_id} is not in the provider's block"}
     # free emergency holds are not seats for routine patients; patients booked into them still count below
     seat_minutes = sum(s.capacity * _minutes(s.start, s.end) for s in slots
                        if not s.blocked and s.slot_type not in ("emergency", "blocked"))
-    appointments = session.execute(
-        select(Appointment.id, Appointment.patient_id, Appointment.start, Appointment.end, Appointment.status,
-               Appointment.created_at, Appointment.appointment_type, Appointment.location_id)
-        .where(Appointment.provider_id == candidate.provider_id, Appointment.start >= block_start,
-               Appointment.start < block_end, Appointment.status.in_([s.value for s in OCCUPYING]))
-        .order_by(Appointment.start, Appointment.id)).all()
-    in_slot = set(session.scalars(select(AppointmentSlot.appointment_id)
-                                  .where(AppointmentSlot.slot_id == candidate.slot_id)))
-    probabilities = _probabilities(session, context, appointments)
-    block = [Attendee(probabilities[a.id], _minutes(a.start, a.end), a.id) for a in appointments]
+    cache = None if lock else session.info.setdefault(f"{NAME}.blocks", {})
+    key = (candidate.provider_id, block_start, tuple((s.id, s.booked) for s in slots))
+    if cache is not None and key in cache:
+        block, members = cache[key]
+    else:
+        block, members = _block_attendees(session, context, candidate.provider_id, block_start, block_end,
+                                          [s.id for s in slots])
+        if cache is not None:
+            cache[key] = block, members
     model_id, coefficients = current_model(session, context)
     events = _patient_events(session, [patient_id]) if patient_id is not None else {}
     visit = visit_of(appointment_type, candidate.start, now, tz,
                      _counts(events.get(patient_id, ()), candidate.start, settings.late_cancel))
     new = estimate(coefficients, visit)
+    in_slot = members.get(candidate.slot_id, set())
     decision = judge_overbook(
         block=block, seat_minutes=seat_minutes, slot_occupants=[a for a in block if a.appointment_id in in_slot],
-        extra_seat=target.booked - target.capacity + 1, new=Attendee(new.probability, _minutes(candidate.start,
-                                                                                               candidate.end)),
-        budget=settings.budget)
+        extra_seat=target.booked - target.capacity + 1,
+        new=Attendee(new.probability, _minutes(candidate.start, candidate.end)), budget=settings.budget)
     local_start, local_end = block_start.astimezone(zone(tz)), block_end.astimezone(zone(tz))
     decision.update(
         provider_id=candidate.provider_id, slot_id=candidate.slot_id, block_start=block_start.isoformat(),
@@ -363,13 +379,31 @@ def judge(session: Session, context, candidate: Candidate, patient_id: Optional[
     return {"allow": decision.pop("allowed"), **decision}
 
 
+def _block_attendees(session: Session, context, provider_id: int, block_start: datetime, block_end: datetime,
+                     slot_ids: Sequence[int]) -> tuple[list[Attendee], dict[int, set[int]]]:
+    """The appointments in a provider's block with their show probabilities, and
+    which of them sit in each slot."""
+    appointments = session.execute(
+        select(Appointment.id, Appointment.patient_id, Appointment.start, Appointment.end, Appointment.status,
+               Appointment.created_at, Appointment.appointment_type, Appointment.location_id)
+        .where(Appointment.provider_id == provider_id, Appointment.start >= block_start,
+               Appointment.start < block_end, Appointment.status.in_([s.value for s in OCCUPYING]))
+        .order_by(Appointment.start, Appointment.id)).all()
+    members: dict[int, set[int]] = {}
+    for slot_id, appointment_id in session.execute(select(AppointmentSlot.slot_id, AppointmentSlot.appointment_id)
+                                                   .where(AppointmentSlot.slot_id.in_(list(slot_ids)))):
+        members.setdefault(slot_id, set()).add(appointment_id)
+    probabilities = _probabilities(session, context, appointments)
+    return [Attendee(probabilities[a.id], _minutes(a.start, a.end), a.id) for a in appointments], members
+
+
 def _probabilities(session: Session, context, appointments: Sequence[Any]) -> dict[int, float]:
     """Arrived patients are there; the others' stored estimates, computed now for those without."""
     probabilities = {a.id: 1.0 for a in appointments if a.status in SHOWED}
     waiting = [a.id for a in appointments if a.id not in probabilities]
     if waiting:
         probabilities.update(session.execute(select(ShowEstimate.appointment_id, ShowEstimate.probability)
-                                             .where(ShowEstimate.appointment_id.in_(waiting))).tuples())
+                                             .where(ShowEstimate.appointment_id.in_(waiting))).all())
     missing = [a for a in appointments if a.id not in probabilities]
     if missing:
         probabilities.update({i: e.probability for i, e in estimate_appointments(session, context, missing).items()})
@@ -481,6 +515,8 @@ def history(session: Session, context, since: datetime, until: datetime) -> Iter
     ``until``, its features as they stood at its start (earlier no-shows and
     late cancellations counted from up to ``history_days`` before ``since``)."""
     settings = _settings(context)
+    zones = {location.id: location.timezone for location in session.scalars(select(Location))}
+    default_zone = context.scheduler.settings.default_timezone
     rows = session.execute(
         select(Appointment.patient_id, Appointment.start, Appointment.created_at, Appointment.updated_at,
                Appointment.status, Appointment.appointment_type, Appointment.location_id)
@@ -494,7 +530,7 @@ def history(session: Session, context, since: datetime, until: datetime) -> Iter
         if patient_id != patient:
             patient, no_shows, late_cancellations = patient_id, 0, 0
         if start >= since and status != "cancelled":
-            visit = visit_of(appointment_type, start, created_at, _zone_name(session, location_id, context),
+            visit = visit_of(appointment_type, start, created_at, zones.get(location_id, default_zone),
                              (no_shows, late_cancellations))
             yield visit, status in SHOWED
         if status == "no_show":

@@ -1,9 +1,12 @@
 """Recall and preventive care: patients overdue or coming due for a visit are asked to book.
 
-A rule says which visits satisfy it (appointment ``types``), how often
-(``interval``, counted from the patient's last *completed* visit of the
-``after`` types — by default the same types), and who it is for (``sex``,
-``age`` on the due date, ``flags``).  The due window runs from ``lead_days``
+A rule says which visits satisfy it — appointment ``types`` (new_patient,
+follow_up, procedure, general…) and/or ``reasons``, shell patterns over the
+visit's reason (SCH-7 / AIS-3 text in mirror mode, the booking's reason:
+``"*mammo*"``) —, how often (``interval``, counted from the patient's last
+visit done that matches ``after_types`` / ``after_reasons``, by default the
+same visits), and who it is for (``sex``, ``age`` on the due date,
+``flags``).  The due window runs from ``lead_days``
 before the due date to ``grace_days`` after it.
 
 A daily job (``recall.daily``, at ``run_at`` clinic-local time) judges every
@@ -60,10 +63,12 @@ Settings::
     ]
 
     [plugins.recall.rules.mammogram]
-    types = ["mammogram"]            # visits that satisfy the rule
+    types = ["procedure"]            # visits that satisfy the rule: these types (any when left out)
+    reasons = ["*mammo*"]            # ... whose reason matches one of these (any when left out)
     interval = "24 months"           # N days | weeks | months | years
-    after = ["mammogram"]            # completed visits the interval counts from (default: types)
-    if_never = "due"                 # due | wait: no such visit yet (default: due when after = types)
+    after_types = ["procedure"]      # visits done the interval counts from (default: types and reasons)
+    after_reasons = ["*mammo*"]
+    if_never = "due"                 # due | wait: no such visit yet (default: due unless after_* are given)
     sex = ["F"]
     age = [50, 74]                   # inclusive, on the due date
     flags = []                       # patterns; the patient needs one matching flag
@@ -110,9 +115,8 @@ log = logging.getLogger("slotengine.plugins.recall")
 
 NAME = "recall"
 ACTIVE = ("open", "contacted", "escalated")
-STATUSES = ACTIVE + ("closed", "suppressed")
-#: Appointment states in which a visit counts as booked or done.
-SATISFYING = ("booked", "overbooked", "arrived", "checked_in", "completed")
+#: Appointment states in which a visit counts as booked or done (held: booked, awaiting staff review).
+SATISFYING = ("held", "booked", "overbooked", "arrived", "checked_in", "completed")
 #: ... as done (the patient came): the interval counts from the last of these.
 DONE = ("arrived", "checked_in", "completed")
 #: States after which the visit will not happen: a ticket it closed opens again.
@@ -195,6 +199,21 @@ def local_midnight(day: date, tz: str) -> datetime:
 
 
 @dataclass(frozen=True)
+class Visits:
+    """Which visits a rule means: appointment types and reason patterns (each: any when empty)."""
+
+    types: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()  # lower-case shell patterns
+
+    def match(self, kind: str, reason: str) -> bool:
+        return (not self.types or kind in self.types) and (
+            not self.reasons or any(fnmatchcase((reason or "").lower(), p) for p in self.reasons))
+
+    def __str__(self) -> str:
+        return " ".join(part for part in ("/".join(self.types), " or ".join(f'"{r}"' for r in self.reasons)) if part)
+
+
+@dataclass(frozen=True)
 class Step:
     via: str
     wait_days: int = 0  # after the previous step (the first: after the ticket opens)
@@ -203,9 +222,9 @@ class Step:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    types: tuple[str, ...]
+    visits: Visits
     interval: Interval
-    after: tuple[str, ...]
+    after: Visits
     if_never: str  # due | wait
     sex: tuple[str, ...] = ()
     age: Optional[tuple[int, int]] = None
@@ -217,8 +236,9 @@ class Rule:
     escalation: tuple[Step, ...] = ()
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "types": list(self.types), "interval": str(self.interval),
-                "after": list(self.after), "if_never": self.if_never, "sex": list(self.sex),
+        return {"name": self.name, "types": list(self.visits.types), "reasons": list(self.visits.reasons),
+                "interval": str(self.interval), "after_types": list(self.after.types),
+                "after_reasons": list(self.after.reasons), "if_never": self.if_never, "sex": list(self.sex),
                 "age": list(self.age) if self.age else None, "flags": list(self.flags), "label": self.label,
                 "lead_days": self.lead_days, "grace_days": self.grace_days, "notice_days": self.notice_days,
                 "escalation": [{"via": s.via, "wait_days": s.wait_days} for s in self.escalation]}
@@ -242,12 +262,8 @@ class Settings:
     batch_size: int = 500
     send_seconds: float = 60.0
 
-    @property
-    def types(self) -> set[str]:
-        return {t for rule in self.rules.values() for t in rule.types + rule.after}
 
-
-RULE_KEYS = {"types", "interval", "after", "if_never", "sex", "age", "flags", "label", "lead_days", "grace_days",
+RULE_KEYS = {"types", "reasons", "interval", "after_types", "after_reasons", "if_never", "sex", "age", "flags", "label", "lead_days", "grace_days",
              "notice_days", "escalation"}
 KEYS = {"rules", "run_at", "timezone", "horizon_days", "notice_days", "lead_days", "grace_days", "channels",
         "clinic_name", "booking_url", "phone", "staff_team", "reply_secret", "reply_secret_env", "batch_size",
@@ -287,12 +303,20 @@ def parse_rule(name: str, raw: Any, defaults: dict[str, Any]) -> Rule:
     unknown = set(raw) - RULE_KEYS
     if unknown:
         raise ValueError(f"{where}: unknown settings {', '.join(sorted(unknown))}")
-    for key in ("types", "interval"):
-        if key not in raw:
-            raise ValueError(f"{where}.{key} is required")
-    types = _strings(raw["types"], f"{where}.types")
-    after = _strings(raw["after"], f"{where}.after") if "after" in raw else types
-    if_never = raw.get("if_never", "due" if set(after) <= set(types) else "wait")
+    if "interval" not in raw:
+        raise ValueError(f"{where}.interval is required")
+    if not (raw.get("types") or raw.get("reasons")):
+        raise ValueError(f"{where}: types or reasons is required (the visits that satisfy the rule)")
+
+    def visits(types_key: str, reasons_key: str) -> Visits:
+        types = _strings(raw[types_key], f"{where}.{types_key}") if raw.get(types_key) else ()
+        reasons = _strings(raw[reasons_key], f"{where}.{reasons_key}") if raw.get(reasons_key) else ()
+        return Visits(types, tuple(r.lower() for r in reasons))
+
+    satisfying = visits("types", "reasons")
+    counted_from = visits("after_types", "after_reasons") if ("after_types" in raw or "after_reasons" in raw) \
+        else satisfying
+    if_never = raw.get("if_never", "due" if counted_from == satisfying else "wait")
     if if_never not in ("due", "wait"):
         raise ValueError(f"{where}.if_never: due or wait, got {if_never!r}")
     sex = _strings(raw.get("sex", []), f"{where}.sex") if raw.get("sex") else ()
@@ -310,7 +334,8 @@ def parse_rule(name: str, raw: Any, defaults: dict[str, Any]) -> Rule:
         raise ValueError(f"{where}.label: a short text shown to the patient")
     days = {key: _days(raw.get(key, defaults[key]), f"{where}.{key}") for key in ("lead_days", "grace_days", "notice_days")}
     escalation = _escalation(raw["escalation"], f"{where}.escalation") if "escalation" in raw else defaults["escalation"]
-    return Rule(name=name, types=types, interval=parse_interval(raw["interval"], f"{where}.interval"), after=after,
+    return Rule(name=name, visits=satisfying, interval=parse_interval(raw["interval"], f"{where}.interval"),
+                after=counted_from,
                 if_never=if_never, sex=sex, age=age, flags=flags, label=label.strip(), escalation=escalation, **days)
 
 
@@ -372,6 +397,7 @@ class Visit:
     status: str
     start: datetime
     day: date  # clinic-local
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -394,12 +420,12 @@ def judge(rule: Rule, *, sex: str, birth_date: Optional[date], flags: Iterable[s
     if rule.sex and sex not in rule.sex:
         return Verdict("ineligible", f"sex {sex or 'U'}; the rule is for {'/'.join(rule.sex)}")
     visits = list(visits)
-    counted = [v for v in visits if v.type in rule.after and v.status in DONE]
+    counted = [v for v in visits if rule.after.match(v.type, v.reason) and v.status in DONE]
     anchor = max(counted, key=lambda v: (v.start, v.id)) if counted else None
     if anchor is None:
         if rule.if_never == "wait":
-            return Verdict("waiting", f"no completed {'/'.join(rule.after)} visit to count from")
-        due, basis = today, f"no completed {'/'.join(rule.after)} visit on record"
+            return Verdict("waiting", f"no {rule.after} visit done to count from")
+        due, basis = today, f"no {rule.after} visit done on record"
     else:
         due = rule.interval.after(anchor.day)
         basis = f"{rule.interval} after appointment {anchor.id} ({anchor.type}) on {anchor.day.isoformat()}"
@@ -414,7 +440,7 @@ def judge(rule: Rule, *, sex: str, birth_date: Optional[date], flags: Iterable[s
             return Verdict("ineligible", f"aged {age_on(birth_date, due)} on the due date {due.isoformat()}; "
                                          f"the rule is for ages {youngest}-{oldest}", anchor)
     # a booking whose day has passed without the patient coming is stale, not a visit
-    satisfying = [v for v in visits if v.type in rule.types and (v.status in DONE or v.day >= today)
+    satisfying = [v for v in visits if rule.visits.match(v.type, v.reason) and (v.status in DONE or v.day >= today)
                   and (anchor is None or (v.start, v.id) > (anchor.start, anchor.id))]
     if satisfying:
         visit = min(satisfying, key=lambda v: (v.start, v.id))
@@ -429,7 +455,7 @@ def judge(rule: Rule, *, sex: str, birth_date: Optional[date], flags: Iterable[s
 
 
 def _visit_words(visit: Visit) -> str:
-    done = "done" if visit.status in DONE else "booked"
+    done = "done" if visit.status in DONE else "held for review" if visit.status == "held" else "booked"
     return f"appointment {visit.id} ({visit.type}) {done} for {visit.day.isoformat()}"
 
 
@@ -567,7 +593,6 @@ def judge_patients(context, settings: Settings, now: datetime) -> Counter:
     """Open, close, suppress and reopen tickets for every patient, a batch per transaction."""
     counts: Counter = Counter()
     today = now.astimezone(zone(settings.timezone)).date()
-    types = sorted(settings.types)
     last_id = 0
     while True:
         with context.session_factory() as session, session.begin():
@@ -581,12 +606,11 @@ def judge_patients(context, settings: Settings, now: datetime) -> Counter:
             ids = [p.id for p in patients]
             visits: dict[int, list[Visit]] = {}
             for row in session.execute(select(Appointment.id, Appointment.patient_id, Appointment.appointment_type,
-                                              Appointment.status, Appointment.start)
-                                       .where(Appointment.patient_id.in_(ids), Appointment.appointment_type.in_(types),
-                                              Appointment.status.in_(SATISFYING))):
+                                              Appointment.status, Appointment.start, Appointment.reason)
+                                       .where(Appointment.patient_id.in_(ids), Appointment.status.in_(SATISFYING))):
                 day = row.start.astimezone(zone(settings.timezone)).date()
                 visits.setdefault(row.patient_id, []).append(Visit(row.id, row.appointment_type, row.status,
-                                                                   row.start, day))
+                                                                   row.start, day, row.reason))
             flags: dict[int, set[str]] = {}
             for patient_id, flag in session.execute(select(PatientFlag.patient_id, PatientFlag.flag)
                                                     .where(PatientFlag.patient_id.in_(ids))):
@@ -619,7 +643,7 @@ def judge_patients(context, settings: Settings, now: datetime) -> Counter:
 def bookable_until(session: Session, settings: Settings, rule: Rule, today: date) -> date:
     """The last day a patient could book a visit under ``rule``: the horizon, or the last slot that exists."""
     usable = [Slot.blocked.is_(False), Slot.slot_type.not_in(["blocked", "emergency"]),
-              or_(Slot.slot_type.not_in(sorted(EXCLUSIVE_SLOT_TYPES)), Slot.slot_type.in_(rule.types))]
+              or_(Slot.slot_type.not_in(sorted(EXCLUSIVE_SLOT_TYPES)), Slot.slot_type.in_(rule.visits.types))]
     last = session.scalar(select(func.max(Slot.start)).where(*usable))
     horizon = today + timedelta(days=settings.horizon_days)
     if last is None:
@@ -703,9 +727,9 @@ def _act(context, session: Session, settings: Settings, ticket: RecallTicket, no
             session.add(item)
             session.flush()
             ticket.channels_used = [*ticket.channels_used, channel]
-            event = "contacted" if ticket.contacts == 0 else "escalated"
+            event = "contacted" if index == 0 else "escalated"
             reason = f"step {index + 1}: asked by {channel} to book" + (
-                f", due {ticket.due_date.isoformat()}" if ticket.contacts == 0 else ", no booking after the last contact")
+                f", due {ticket.due_date.isoformat()}" if index == 0 else ", no booking after the last contact")
         ticket.contacts += 1
         status = "contacted" if event == "contacted" else "escalated"
         ticket.next_action_at = (local_midnight(today + timedelta(days=rule.escalation[ticket.step].wait_days),
@@ -718,6 +742,7 @@ def _act(context, session: Session, settings: Settings, ticket: RecallTicket, no
     ticket.next_action_at = None
     if ticket.contacts == 0:
         _note(ticket, now, "stuck", ticket.status, "no escalation step could reach the patient")
+        log.warning("no recall step reaches the patient", extra={"ticket": ticket.id, "rule": ticket.rule})
         counts["unreachable"] += 1
 
 
@@ -846,11 +871,12 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
         return
     if change.to_state in SATISFYING:
         appointment = session.get(Appointment, change.appointment_id)
-        rules = [r.name for r in settings.rules.values() if appointment.appointment_type in r.types]
+        rules = [r.name for r in settings.rules.values()
+                 if r.visits.match(appointment.appointment_type, appointment.reason)]
         if not rules or appointment.patient_id is None:
             return
         visit = Visit(appointment.id, appointment.appointment_type, appointment.status, appointment.start,
-                      appointment.start.astimezone(zone(settings.timezone)).date())
+                      appointment.start.astimezone(zone(settings.timezone)).date(), appointment.reason)
         for ticket in session.scalars(select(RecallTicket).where(
                 RecallTicket.patient_id == appointment.patient_id, RecallTicket.rule.in_(rules),
                 RecallTicket.status.in_(ACTIVE + ("suppressed",)))):

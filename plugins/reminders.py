@@ -252,6 +252,31 @@ def plan_reminders(session: Session, appointment: Appointment, context, *, confi
     return len(items)
 
 
+def plan_escalation(session: Session, appointment: Appointment, context, *, channel: str = "voice") -> Optional[str]:
+    """One extra reminder for a visit likely to be missed (plugin ``noshow``), due
+    now or at the end of quiet hours: through ``channel`` (``voice``: a call)
+    when it is registered and the patient has an address for it, else their
+    usual channel.  Returns the channel, or ``None`` when none reaches the
+    patient or the visit is too close."""
+    settings = _settings(context)
+    if settings is None or appointment.patient_id is None:
+        return None
+    patient = session.get(Patient, appointment.patient_id)
+    chosen = channel if channel in context.channels and address_for(patient, channel) else None
+    if chosen is None:
+        usual = choose_channel(patient, [c for c in settings.channels if c in context.channels], settings.channels)
+        chosen = usual[0] if usual else None
+    now = context.clock.now()
+    latest = appointment.start - settings.min_lead
+    tz = _zone_of(session, appointment.location_id, context.scheduler.settings.default_timezone)
+    due = outside_quiet_hours(now, tz, settings.quiet_start, settings.quiet_end, not_after=latest)
+    if chosen is None or due is None or due > latest:
+        return None
+    hours = round((appointment.start - due).total_seconds() / 3600, 1)
+    session.add(_outbox(chosen, "reminder", due, appointment, now, offset_hours=hours, escalated=True))
+    return chosen
+
+
 def withdraw(session: Session, appointment_id: int, kinds: tuple[str, ...] = ("confirmation", "reminder")) -> int:
     return session.execute(
         update(OutboxItem)

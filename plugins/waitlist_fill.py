@@ -196,7 +196,7 @@ def _fill(context, session: Session, task: PluginTask, scheduler) -> Optional[da
             local = now.astimezone(zone(tz))
             day = local.date() if local.time() < settings.quiet_end else local.date() + timedelta(days=1)
             return datetime.combine(day, settings.quiet_end, tzinfo=zone(tz)).astimezone(now.tzinfo)
-        offer_slot(context, session, slot, now)
+        offer_slot(context, session, slot, now, overbook=bool(task.payload.get("overbook")))
     return None
 
 
@@ -272,10 +272,13 @@ def _busy(session: Session, patient_id: int, slot: Slot, ignore: Optional[int]) 
     return session.scalar(select(Appointment.id).where(*clauses).limit(1)) is not None
 
 
-def offer_slot(context, session: Session, slot: Slot, now: datetime) -> list[WaitlistOffer]:
-    """Offer a free slot to the next best patients, up to ``offer_batch`` open offers."""
+def offer_slot(context, session: Session, slot: Slot, now: datetime, *, overbook: bool = False) -> list[WaitlistOffer]:
+    """Offer a free slot to the next best patients, up to ``offer_batch`` open offers.
+    ``overbook``: the slot may be full (plugin ``noshow`` offers a likely no-show's
+    slot early); accepting then asks for a seat above capacity."""
     settings = _settings(context)
-    if not slot.is_free or slot.start < now + timedelta(minutes=settings.min_notice_minutes) \
+    if not (slot.is_free or (overbook and not slot.blocked)) \
+            or slot.start < now + timedelta(minutes=settings.min_notice_minutes) \
             or slot.start > now + timedelta(days=settings.horizon_days):
         return []
     offers = list(session.scalars(select(WaitlistOffer).where(WaitlistOffer.slot_id == slot.id)))
@@ -343,17 +346,19 @@ def accept_offer(context, offer_id: int, actor: Optional[Actor] = None) -> dict[
             current = session.get(Appointment, entry.current_appointment_id) if entry.current_appointment_id else None
             # where the EHR owns the calendar these ask it (an SRM) and the booking counts once its SIU confirms
             asked = {"waitlist_offer_id": offer.id}
+            # overbook: a full slot (offered early for a likely no-show) takes one more only if a plugin allows it
             try:
                 if current is not None and current.status in BOOKED:
                     outcome = view.request_reschedule(
                         current.id, BookingRequest(patient_id=entry.patient_id, appointment_type="",
-                                                   slot_id=offer.slot_id, duration_minutes=entry.duration_minutes),
+                                                   slot_id=offer.slot_id, duration_minutes=entry.duration_minutes,
+                                                   overbook=True),
                         actor, f"earlier time from waitlist offer {offer.id}", detail=asked)
                 else:
                     outcome = view.request_booking(BookingRequest(
                         patient_id=entry.patient_id, appointment_type=entry.appointment_type, slot_id=offer.slot_id,
-                        duration_minutes=entry.duration_minutes, urgency=entry.urgency, reason=entry.reason), actor,
-                        detail=asked)
+                        duration_minutes=entry.duration_minutes, urgency=entry.urgency, reason=entry.reason,
+                        overbook=True), actor, detail=asked)
             except SchedulingError as exc:
                 offer.status, offer.responded_at = "taken", now
                 return {**result, "result": "taken", "reason": str(exc)}
@@ -369,10 +374,11 @@ def accept_offer(context, offer_id: int, actor: Optional[Actor] = None) -> dict[
             if not outcome.applied:
                 result.update(result="requested", appointment_id=outcome.appointment_id, owner=outcome.owner,
                               request_id=outcome.request_id, moved_from=moved_from)
-                return result
-            view.remove_from_waitlist(entry.id, actor, f"booked from waitlist offer {offer.id}", status="booked")
-            result.update(result="accepted", appointment_id=outcome.appointment_id, status=outcome.appointment_status,
-                          moved_from=moved_from)
+            else:
+                view.remove_from_waitlist(entry.id, actor, f"booked from waitlist offer {offer.id}", status="booked")
+                result.update(result="accepted", appointment_id=outcome.appointment_id,
+                              status=outcome.appointment_status, moved_from=moved_from)
+        # a request too: its after-change hooks wake the dispatcher that sends it to the owner
         view.notify_committed()
     return result
 

@@ -170,7 +170,7 @@ class ConsoleApp:
         if handler is not None:
             return handler, ""
         head, _, rest = path.rpartition("/")
-        handler = self.routes.get((method, head + "/"))
+        handler = self.routes.get((method, head + "/")) if head else None
         return (handler, rest) if handler is not None and rest else (None, "")
 
     def _finish(self, ctx: Context, response: Response) -> Response:
@@ -335,7 +335,7 @@ class ConsoleApp:
         rows = list_items(self.runtime.sessions, destination=destination if destination in names else None,
                           status=status or None, limit=data.PAGE_SIZE)
         return self._page(ctx, "outbox.html", title="Outbox", nav="outbox", rows=rows, destinations=names,
-                          destination=destination, status=status)
+                          destination=destination, wanted_status=status)
 
     def page_system(self, ctx: Context, _rest: str) -> Response:
         runtime = self.runtime

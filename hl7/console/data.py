@@ -41,6 +41,10 @@ from hl7.outbound import CHANNEL_PREFIX, channel_for
 from hl7.store import PARKED, RECEIVED, STATUSES
 
 REMINDER_KINDS = ("confirmation", "reminder", "follow_up")
+# Besides patient data proper, why a person has a visit is not for every role.
+HIDDEN_KEYS = PATIENT_DATA_KEYS | {"reason", "notes", "other_needs", "review_reason"}
+# Audit reasons of these entities are operators' words, not a patient's visit.
+OPERATIONAL_ENTITIES = ("inbound_message", "console_session", "outbox")
 PLACER_SCAN_LIMIT = 5000  # newest stored messages searched for a placer/filler id no appointment knows
 PAGE_SIZE = 100
 
@@ -66,7 +70,7 @@ class Privacy:
         if self.patient_data or data is None:
             return data
         if isinstance(data, dict) and depth < 8:
-            return {k: (self.value(v) if str(k).lower() in PATIENT_DATA_KEYS and not isinstance(v, (dict, list))
+            return {k: (self.value(v) if str(k).lower() in HIDDEN_KEYS and not isinstance(v, (dict, list))
                         else self.mapping(v, depth + 1)) for k, v in data.items()}
         if isinstance(data, list) and depth < 8:
             return [self.mapping(v, depth + 1) for v in data]
@@ -292,7 +296,9 @@ def message_detail(sessions: sessionmaker, message_id: int, privacy: Privacy) ->
 def audit_row(entry: AuditEntry, privacy: Privacy) -> dict[str, Any]:
     return {"id": entry.id, "at": entry.at, "actor": entry.actor, "source": entry.source, "action": entry.action,
             "entity": entry.entity, "entity_id": entry.entity_id, "from_state": entry.from_state,
-            "to_state": entry.to_state, "reason": privacy.free_text(entry.reason),
+            "to_state": entry.to_state,
+            "reason": privacy.free_text(entry.reason) if privacy.patient_data or entry.entity in OPERATIONAL_ENTITIES
+            else ("[hidden]" if entry.reason else ""),
             "before": privacy.mapping(entry.before), "after": privacy.mapping(entry.after)}
 
 

@@ -328,3 +328,30 @@ def test_book_request_through_a_bound_scheduler_notifies_after_commit(slotengine
             assert ("after", "held") not in recorder.calls
         view.notify_committed()
     assert ("after", "held") in recorder.calls
+
+
+class Planner:
+    """Writes one outbox row per change, as reminder plans do."""
+
+    @hookimpl
+    def slotengine_schedule_changed(self, session, change):
+        session.add(OutboxItem(channel="planner", kind="plan", due_at=change_time(),
+                               payload={"change": change.kind}, created_at=change_time()))
+        session.flush()
+
+
+@pytest.mark.parametrize("order", ["planner first", "raiser first"])
+def test_the_work_of_plugins_that_succeed_is_kept_once_when_another_fails(slotengine_scheduler, order):
+    from engine.service import Scheduler
+
+    plugins = [("planner", Planner()), ("raiser", Raiser())]
+    if order == "raiser first":
+        plugins.reverse()
+    scheduler = Scheduler(slotengine_scheduler.sessions, plugins=host(*plugins), clock=slotengine_scheduler.clock)
+    patient = Clinic(scheduler).patient("P1")
+    Clinic(scheduler).book(patient)
+    with scheduler.sessions() as session:
+        kinds = sorted((o.channel, o.payload["change"]) for o in session.scalars(select(OutboxItem)))
+    # one row per change from the planner; none from the raiser (its savepoint rolled back)
+    assert ("x", "held") not in kinds and all(channel == "planner" for channel, _ in kinds)
+    assert len(kinds) == len(set(kinds)) and ("planner", "held") in kinds
