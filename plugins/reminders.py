@@ -8,6 +8,8 @@ withdraws them; a completed visit plans a follow-up.  Due times are moved out
 of the clinic's quiet hours (clinic-local).  The sweep ``reminders.send``
 renders each message when it is sent (fresh data, the patient's language,
 their preferred channel) and delivers it through the channel.
+``plan_escalation`` adds one extra reminder, a call where it can, for a visit
+likely to be missed (plugin ``noshow``).
 
 Minimum necessary: no message carries the appointment's reason; SMS and voice
 carry only the clinic's name, the date and time, and how to answer; e-mail

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import hl7apy
-from hl7apy.exceptions import UnsupportedVersion
 
 from hl7.message import HL7ParseError, parse
 
@@ -62,10 +61,7 @@ def _title(code: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _library(version: str):
-    try:
-        return hl7apy.load_library(version)
-    except (UnsupportedVersion, Exception):  # noqa: BLE001 - an unknown version falls back
-        return hl7apy.load_library(FALLBACK_VERSION)
+    return hl7apy.load_library(version)
 
 
 @functools.lru_cache(maxsize=1024)

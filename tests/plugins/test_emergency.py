@@ -20,11 +20,11 @@ from sqlalchemy import select
 
 from engine.calendar import local_to_utc
 from engine.clinic import load_clinic_data
-from engine.models import Appointment, AuditEntry, EmergencyMove, EmergencyProposal, EmergencyRequest, OutboxItem, \
-    Slot
+from engine.models import Appointment, AuditEntry, ChangeRequest, EmergencyMove, EmergencyProposal, EmergencyRequest, \
+    OutboxItem, Slot
 from engine.plugin import hookimpl
 from engine.plugin_host import PluginHost
-from engine.requests import Actor, BookingRequest, UrgentRequest
+from engine.requests import Actor, BookingRequest, ExternalAppointment, UrgentRequest
 from engine.service import EngineSettings, Scheduler, slot_accepts
 from hl7 import cli
 from hl7.config import DestinationConfig
@@ -541,3 +541,46 @@ def test_staff_review_and_approve_on_the_command_line(day, slotengine_context, s
     assert cli.main(["emergencies", "reject", request_id, "--database", slotengine_database_url]) == 1
     assert "no proposal waits" in capsys.readouterr().err
     assert cli.main(["emergencies", "show", "999", "--database", slotengine_database_url]) == 1
+
+
+# --- mirror mode: the EHR owns the calendar --------------------------------------------------------
+
+
+class EhrOwns:
+    @hookimpl
+    def slotengine_schedule_owner(self, provider_id):
+        return "EHR"
+
+
+def as_ehr(scheduler, appointment: Appointment, start: datetime, filler_id: str):
+    return scheduler.record_external_appointment(ExternalAppointment(
+        status="booked", start=start, end=start + (appointment.end - appointment.start),
+        appointment_type=appointment.appointment_type, placer_id=appointment.placer_id,
+        filler_id=appointment.filler_id or filler_id, patient_id=appointment.patient_id,
+        provider_id=appointment.provider_id, location_id=appointment.location_id, urgency=appointment.urgency),
+        Actor("message", "EPIC^HOSP", "inbound message 7"))
+
+
+def test_in_mirror_mode_moves_are_asked_of_the_ehr_and_the_urgent_visit_follows_its_answers(day,
+                                                                                             slotengine_context):
+    day.scheduler.plugins.pm.register(EhrOwns(), name="ehr_owns")
+    _patient, outcome = day.urgent()
+    assert outcome["outcome"] == "waiting" and outcome["appointment_id"] is None
+    assert day.appointment("09:30").start == local(9, 30)  # nothing moves until the EHR says so
+    with day.scheduler.sessions() as session:
+        [asked] = session.scalars(select(ChangeRequest)).all()
+    assert (asked.kind, asked.requested_start, asked.detail) == \
+        ("reschedule", local(11, 30), {"emergency_move": moves_of(day.scheduler, outcome["request_id"])[0].id})
+    as_ehr(day.scheduler, day.appointment("09:30"), local(11, 30), "EHR1")  # the EHR's SIU S13
+    [move] = moves_of(day.scheduler, outcome["request_id"])
+    assert move.status == "applied"
+    with day.scheduler.sessions() as session:
+        row = session.get(EmergencyRequest, outcome["request_id"])
+        booking = session.scalars(select(ChangeRequest).where(ChangeRequest.kind == "book")).one()
+        held = session.get(Appointment, booking.appointment_id)
+        assert (row.status, held.status, held.start) == ("waiting", "held", local(9, 30))
+    as_ehr(day.scheduler, held, local(9, 30), "EHR2")  # the EHR's SIU S12 for the urgent visit
+    with day.scheduler.sessions() as session:
+        row = session.get(EmergencyRequest, outcome["request_id"])
+        assert (row.status, row.appointment_id) == ("applied", held.id)
+        assert session.get(Appointment, held.id).status == "booked"

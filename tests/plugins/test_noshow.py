@@ -33,6 +33,7 @@ from engine.models import (
 from engine.plugin import hookimpl
 from engine.requests import Actor, BookingRequest, SlotQuery
 from engine.states import HL7_FILLER_STATUS, Status
+from hl7.outbound import OutboundSettings, appointment_view, build_siu
 from plugins import noshow, waitlist_fill
 from plugins.showmodel import FEATURES, PRIOR, TYPES, Visit, estimate, fit
 from tests.plugins.helpers import STAFF, WEBHOOK_SECRET, utc
@@ -275,7 +276,12 @@ def test_overbooking_matches_the_hand_computation(clinic, slotengine_scheduler, 
 
     appointment = scheduler.book(BookingRequest(newcomer.id, "new_patient", slot_id=slots[1].id, overbook=True), STAFF)
     assert appointment.status == "overbooked"
-    assert HL7_FILLER_STATUS[Status(appointment.status)] == "Overbook"  # SCH-25 in every SIU about it
+    assert HL7_FILLER_STATUS[Status(appointment.status)] == "Overbook"
+    with scheduler.sessions() as session:  # the SIU^S12 announcing it says so in SCH-25
+        siu = build_siu(appointment_view(session, appointment.id), "S12", OutboundSettings(), control_id="1",
+                        now=utc(2026, 3, 2, 7))
+    sch = next(s for s in siu.decode().split("\r") if s.startswith("SCH|"))
+    assert sch.split("|")[25] == "Overbook"
     with scheduler.sessions() as session:
         decision = session.scalars(select(OverbookDecision)).one()
         audit = session.scalars(select(AuditEntry).where(AuditEntry.entity_id == appointment.id,
