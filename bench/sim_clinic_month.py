@@ -34,7 +34,7 @@ What happens, on the engine's service API only:
   and stored before the month, as a site's imported history.  The noshow
   model is fitted on it by its own job (``noshow.refit``).
 * **Demand.** Booking requests arrive on weekdays 08:00-17:00 (New York)
-  at about 105 % of the month's seats, by specialty in proportion to the
+  at about 115 % of the month's routine seats, by specialty in proportion to the
   seats (family medicine, gastroenterology incl. endoscopy, cardiology),
   wanting a visit from 0 to 35 days out; four weeks of requests are booked
   before the month so it starts with a realistic calendar.  Each request is
@@ -317,6 +317,8 @@ def build_world(seed: int, weeks: int, patient_count: int, demand_factor: float)
                 band = rng.random()
                 lead = rng.uniform(0, 3) if band < 0.3 else rng.uniform(4, 14) if band < 0.7 else rng.uniform(15, 35)
                 earliest_day = (at + timedelta(days=lead)).astimezone(zone(NEW_YORK)).date()
+                while earliest_day.weekday() >= 5:  # "from Saturday" means Monday
+                    earliest_day += timedelta(days=1)
                 earliest = max(local(earliest_day, 0), at + timedelta(hours=2))
                 # only requests for the month (and the weeks of history before it are stored, not simulated)
                 if FIRST_DAY <= earliest_day <= world.last_day:
@@ -467,7 +469,8 @@ class Arm:
         self.jobs = collect_jobs(self.context, JobSettings())
         self.interval_jobs = [job for job in self.jobs if job.seconds is not None]
         for job in self.jobs:
-            if job.cron is not None:
+            # the slots of every day simulated exist from the start: the daily roll-out would find nothing to add
+            if job.cron is not None and job.job_id != "core.generate_slots":
                 trigger = CronTrigger(**{"timezone": "UTC", **job.cron})
                 self._cron(job, trigger, world.start)
 
@@ -548,9 +551,10 @@ class Arm:
     def tick(self) -> None:
         for job in self.interval_jobs:
             self.run_job(job)
-        self.last_prompt = self.clock.now()
-        hour = self.clock.now().astimezone(zone(NEW_YORK)).hour
-        self.at(self.clock.now() + timedelta(minutes=15 if 7 <= hour < 20 else 180), self.tick)
+        self.last_prompt = now = self.clock.now()
+        here = now.astimezone(zone(NEW_YORK))
+        clinic_hours = here.weekday() < 5 and 7 <= here.hour < 20 and here.date() >= FIRST_DAY - timedelta(days=3)
+        self.at(now + timedelta(minutes=15 if clinic_hours else 180), self.tick)
 
     def _cron(self, job, trigger, after: datetime) -> None:
         following = trigger.get_next_fire_time(None, after + timedelta(seconds=1))
@@ -575,13 +579,15 @@ class Arm:
         if now - self.last_prompt < timedelta(minutes=5):
             return
         with self.sessions() as session:
-            due = session.scalar(select(OutboxItem.id).where(OutboxItem.status == "pending",
-                                                             OutboxItem.due_at <= now).limit(1)) is not None \
-                or session.scalar(select(PluginTask.id).where(PluginTask.status == "pending",
-                                                              PluginTask.due_at <= now).limit(1)) is not None
+            sending = session.scalar(select(OutboxItem.id).where(OutboxItem.status == "pending",
+                                                                 OutboxItem.due_at <= now).limit(1)) is not None
+            working = set(session.scalars(select(PluginTask.plugin).distinct().where(
+                PluginTask.status == "pending", PluginTask.due_at <= now)))
+        due = [job for job in self.interval_jobs
+               if job.plugin in working or (sending and "send" in job.job_id)]
+        for job in due:
+            self.run_job(job)
         if due:
-            for job in self.interval_jobs:
-                self.run_job(job)
             self.last_prompt = now
             self.react()
 
@@ -928,8 +934,11 @@ class Arm:
                        Appointment.provider_id, Appointment.urgency)
                 .where(Appointment.start >= first, Appointment.start < last, Appointment.source != "history"))
                 if in_month(a.start, a.location_id)]
-            overbooked_ids = set(session.scalars(select(AuditEntry.entity_id).where(
-                AuditEntry.entity == "appointment", AuditEntry.to_state == "overbooked")))
+            # a seat above a slot's capacity carries the plugins' verdict (Dr Jones's second seat does not)
+            overbooked_ids = {entity_id for entity_id, after in session.execute(
+                select(AuditEntry.entity_id, AuditEntry.after).where(
+                    AuditEntry.entity == "appointment", AuditEntry.to_state == "overbooked"))
+                if isinstance(after, dict) and after.get("overbook")}
             waitlist_left = session.scalar(select(func.count()).select_from(
                 importlib.import_module("engine.models").WaitlistEntry).where(
                 importlib.import_module("engine.models").WaitlistEntry.status == "waiting"))
@@ -1037,7 +1046,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 week, 900 patients (under 30 s)")
     ap.add_argument("--weeks", type=int, help="weeks measured (default 4; --quick 1)")
     ap.add_argument("--patients", type=int, help="population (default 2,500; --quick 900)")
-    ap.add_argument("--demand", type=float, default=1.05, help="requests per routine seat (default 1.05)")
+    ap.add_argument("--demand", type=float, default=1.15, help="requests per routine seat (default 1.15)")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--keep", action="store_true", help="keep the SQLite files (their directory is printed)")
     args = ap.parse_args()

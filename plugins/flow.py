@@ -741,10 +741,12 @@ def accept_offer(context, notice_id: int, actor: Optional[Actor] = None) -> dict
             actor = actor or Actor("patient", str(appointment.patient_id), f"flow notice {notice.id}")
             notice.responded_at = now
             try:
-                moved = view.reschedule(appointment.id, BookingRequest(
+                # where the EHR owns the calendar this asks it (an SRM); its SIU then moves our copy
+                moved = view.request_reschedule(appointment.id, BookingRequest(
                     patient_id=appointment.patient_id, appointment_type="", slot_id=notice.offer_slot_id,
                     duration_minutes=_minutes(notice.offer_end - notice.offer_start)),
-                    actor, f"provider running late (flow notice {notice.id}): the patient took the offered time")
+                    actor, f"provider running late (flow notice {notice.id}): the patient took the offered time",
+                    detail={"flow_notice_id": notice.id})
             except SchedulingError as exc:
                 notice.offer_status = "taken"
                 context.plugins.staff_notice(session, {
@@ -753,8 +755,12 @@ def accept_offer(context, notice_id: int, actor: Optional[Actor] = None) -> dict
                             f"offered, but it was taken meanwhile ({exc}). Please call them.",
                     "appointment_id": appointment.id, "patient_id": appointment.patient_id})
                 return {**result, "result": "taken", "reason": str(exc)}
+            if not moved.applied:
+                notice.offer_status = "requested"
+                result.update(result="requested", owner=moved.owner, request_id=moved.request_id)
+                return result
             notice.offer_status = "accepted"
-            result.update(result="accepted", start=moved.start.isoformat(), status=moved.status)
+            result.update(result="accepted", start=notice.offer_start.isoformat(), status=moved.appointment_status)
         view.notify_committed()
     return result
 
