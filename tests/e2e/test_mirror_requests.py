@@ -114,7 +114,7 @@ class FakeEhr(threading.Thread):
         return "\r".join(self._head(srm, "AE") + [err]).encode() + b"\r"
 
 
-def ehr_siu(trigger: str, control_id: str, *, placer: str, filler: str, mrn: str, start: datetime,
+def ehr_siu(trigger: str, control_id: str, *, placer: str, filler: str, mrn: str, name: str, start: datetime,
             minutes: int = 15, status: str = "Booked") -> bytes:
     """An SIU as the EHR sends it: times in the clinic's wall-clock time with their offset."""
     begin, end = to_local(start, TZ), to_local(start + timedelta(minutes=minutes), TZ)
@@ -124,7 +124,7 @@ def ehr_siu(trigger: str, control_id: str, *, placer: str, filler: str, mrn: str
         f"SIU^{trigger}^SIU_S12|{control_id}|P|2.5.1",
         f"SCH|{placer}|{filler}|||||NEW^New patient|NORMAL|{minutes}|min|"
         f"^^{minutes}^{begin:{stamp}}^{end:{stamp}}" + "|" * 14 + status,
-        f"PID|1||{mrn}^^^NORTH^MR||Patient^Pat||19800101|F",
+        f"PID|1||{mrn}^^^NORTH^MR||{name}||19800101|F",
         "RGS|1|A",
         "AIP|1|A|DRSMITH^Smith^Ann|ATTENDING",
         "AIL|1|A|MAIN",
@@ -151,11 +151,11 @@ def strict(er7: bytes):
 
 
 class Clinic:
-    """The SQLite file the daemon will use: demo clinic, slots, a waitlisted patient
+    """The database the daemon will use: demo clinic, slots, a waitlisted patient
     (with an e-mail address and a valid insurance); read back while it runs."""
 
-    def __init__(self, path):
-        self.url = f"sqlite:///{path}"
+    def __init__(self, url: str):
+        self.url = url
         self.engine = make_engine(self.url)
         upgrade(self.engine)
         self.sessions = make_session_factory(self.engine)
@@ -220,8 +220,9 @@ def smtp_sink():
 
 
 @pytest.fixture
-def clinic(tmp_path):
-    prepared = Clinic(tmp_path / "mirror.db")
+def clinic(slotengine_database_url):
+    """On a SQLite file, or a fresh PostgreSQL schema with ``--slotengine-db=postgresql``."""
+    prepared = Clinic(slotengine_database_url)
     yield prepared
     prepared.close()
 
@@ -257,12 +258,12 @@ network = "ACME-PPO"
 def offer_the_freed_slot(daemon: DaemonProcess, clinic: Clinic, smtp_sink: SmtpSink) -> tuple[WaitlistOffer, str]:
     """The EHR books a visit into the slot and cancels it; the slot goes to the waitlist by e-mail."""
     start = clinic.slot.start
-    send_to_feed(daemon, ehr_siu("S12", "E1", placer="EPICP1^EPIC", filler="EPICF1^EPIC", mrn="OTHER1", start=start))
+    visit = {"placer": "EPICP1^EPIC", "filler": "EPICF1^EPIC", "mrn": "OTHER1", "name": "Other^Otto", "start": start}
+    send_to_feed(daemon, ehr_siu("S12", "E1", **visit))
     booked = wait_until(lambda: _appointment_by_filler(clinic, "EPICF1^EPIC"))
     wait_until(lambda: clinic.get(Appointment, booked.id).status == "booked")
     assert clinic.get(Slot, clinic.slot.id).booked == 1
-    send_to_feed(daemon, ehr_siu("S15", "E2", placer="EPICP1^EPIC", filler="EPICF1^EPIC", mrn="OTHER1", start=start,
-                                 status="Cancelled"))
+    send_to_feed(daemon, ehr_siu("S15", "E2", **visit, status="Cancelled"))
     [offer] = wait_until(lambda: clinic.offers())
     assert (offer.status, offer.waitlist_id, offer.slot_id) == ("offered", clinic.entry_id, clinic.slot.id)
     assert clinic.get(Appointment, booked.id).status == "cancelled"
@@ -282,8 +283,8 @@ def _appointment_by_filler(clinic: Clinic, filler_id: str) -> Optional[Appointme
 def reply(daemon: DaemonProcess, token: str, answer: str) -> dict:
     request = urllib.request.Request(f"http://127.0.0.1:{daemon.config.http_port}/waitlist/reply",
                                      data=json.dumps({"token": token, "answer": answer}).encode(),
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {HTTP_TOKEN}"},
-                                     method="POST")
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {HTTP_TOKEN}"}, method="POST")
     with urllib.request.urlopen(request, timeout=15) as response:
         assert response.status == 200
         return json.loads(response.read())
@@ -339,7 +340,8 @@ def test_the_ehr_accepts_and_its_siu_confirms_the_waitlist_booking(tmp_path, cli
         # the EHR books it, echoing our placer id and giving its own filler id (which we may not know yet)
         arq = parse(srm).first("ARQ")
         send_to_feed(daemon, ehr_siu("S12", "E3", placer=f"{arq.value(1)}^{arq.value(1, 2)}",
-                                     filler="EHR-4471^EPIC", mrn="WAIT1", start=clinic.slot.start))
+                                     filler="EHR-4471^EPIC", mrn="WAIT1", name="Waiting^Wanda",
+                                     start=clinic.slot.start))
         wait_until(lambda: clinic.get(Appointment, held.id).status == "booked")
         [confirmed] = clinic.scheduler.change_requests(appointment_id=held.id)
         assert confirmed.status == "confirmed" and confirmed.decided_at is not None
@@ -359,12 +361,15 @@ def test_the_ehr_accepts_and_its_siu_confirms_the_waitlist_booking(tmp_path, cli
     finally:
         daemon.stop()
         ehr.stop()
-    assert "WAIT1" not in daemon.logs() and "Waiting" not in daemon.logs()
+    logs = daemon.logs()
+    assert [said for said in ("WAIT1", "Waiting", "Wanda", "OTHER1", "Otto", WAITING_EMAIL) if said in logs] == []
 
     # what the operator sees: the request, why it was made, and how the owner settled it
     config = str(daemon.config.path)
-    [row] = [json.loads(line) for line in slotengine("requests", "list", "--json", "--config", config).stdout.splitlines()]
-    assert (row["kind"], row["status"], row["owner"], row["appointment_id"]) == ("book", "confirmed", "ehr-srm", held.id)
+    listed = slotengine("requests", "list", "--json", "--config", config).stdout.splitlines()
+    [row] = [json.loads(line) for line in listed]
+    assert (row["kind"], row["status"], row["owner"], row["appointment_id"]) == ("book", "confirmed", "ehr-srm",
+                                                                                 held.id)
     assert row["requester"] == {"waitlist_offer_id": offer.id} and row["outcome"] == "ehr-srm booked the appointment"
     assert row["requested_local"] == to_local(clinic.slot.start, TZ).isoformat() and row["provider"] == "DRSMITH"
     assert row["requested_start"] == clinic.slot.start.isoformat() and row["decided_at"] is not None
