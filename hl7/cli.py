@@ -52,13 +52,17 @@ def _open(args, *, migrate_empty: bool = True):
 
 
 def _open_with_plugins(args):
-    """``_open`` with the plugins loaded and configured as the daemon has them (slot
-    scores and filters, running-late estimates); also returns their context."""
+    """``_open`` with the plugins as the daemon has them (slot scores and filters,
+    running-late estimates, the outbound SIU feed, mirror mode's requests): a change
+    made here is announced (SIU) or asked of the calendar's owner (SRM) exactly as the
+    daemon's own. Also returns the plugins' context."""
     from engine.jobs import make_context
-    from engine.plugin_host import PluginHost
+    from hl7.daemon import build_plugins
+    from hl7.outbound import OutboundSettings
 
     config, sessions, scheduler = _open(args)
-    scheduler.plugins = PluginHost(disabled=config.plugins.disabled)
+    scheduler.plugins, _outbound, _mirror = build_plugins(
+        config, OutboundSettings(default_timezone=config.clinic.timezone))
     return config, sessions, scheduler, make_context(scheduler, plugin_settings=config.plugins.settings)
 
 
@@ -567,24 +571,8 @@ def cmd_requests_list(args) -> int:
 # --- same-day emergencies (plugins/emergency.py) -------------------------------------
 
 
-def _open_as_daemon(args):
-    """``_open`` with the plugins as the daemon has them, the outbound SIU feed and the
-    mirror-mode requests included: a change made here is announced (SIU) or asked of
-    the calendar's owner (SRM) exactly as the daemon's own."""
-    from engine.jobs import make_context
-    from engine.plugin_host import PluginHost
-    from hl7.mirror import MirrorRequests, request_owners
-    from hl7.outbound import OutboundSettings, OutboundSIU
-
-    config, sessions, scheduler = _open(args)
-    outbound = OutboundSettings(default_timezone=config.clinic.timezone)
-    owners = request_owners(config.feeds, config.destinations)
-    subscribers = [d for d in config.destinations if d not in owners]
-    extra = [("outbound_siu", OutboundSIU(subscribers, outbound))] if subscribers else []
-    if owners:
-        extra.append(("mirror_requests", MirrorRequests(owners, outbound)))
-    scheduler.plugins = PluginHost(disabled=config.plugins.disabled, extra=extra)
-    context = make_context(scheduler, plugin_settings=config.plugins.settings)
+def _open_for_emergencies(args):
+    config, sessions, scheduler, context = _open_with_plugins(args)
     if "emergency" not in context.state:
         raise CliError("the emergency plugin is disabled in this configuration")
     return config, sessions, scheduler, context
@@ -600,7 +588,7 @@ def _local_instant(day: date, text: str, tz: str) -> datetime:
 def cmd_emergencies_request(args) -> int:
     from engine.requests import UrgentRequest
 
-    config, sessions, scheduler, _context = _open_as_daemon(args)
+    config, sessions, scheduler, _context = _open_for_emergencies(args)
     with sessions() as session:
         patient_id = _patient_id(session, args.patient)
         provider_id = location_id = None
@@ -682,7 +670,7 @@ def cmd_emergencies_show(args) -> int:
 def cmd_emergencies_decide(args) -> int:
     from plugins.emergency import approve, reject
 
-    _config, sessions, _scheduler, context = _open_as_daemon(args)
+    _config, sessions, _scheduler, context = _open_for_emergencies(args)
     actor = Actor("operator", args.operator, f"cli: emergencies {args.emergencies_command}")
     decide = approve if args.emergencies_command == "approve" else reject
     outcome = decide(context, args.id, actor, args.reason)

@@ -60,6 +60,23 @@ def engine_settings(config: Config) -> EngineSettings:
     )
 
 
+def build_plugins(config: Config, outbound_settings: OutboundSettings,
+                  metrics: Optional[Metrics] = None) -> tuple[PluginHost, OutboundSIU, MirrorRequests]:
+    """The plugins as the daemon runs them: the built-ins and installed ones, the
+    outbound SIU feed, and mirror mode's requests to the EHR. The CLI uses the same,
+    so a change made from the command line is announced or asked exactly alike."""
+    owners = request_owners(config.feeds, config.destinations)
+    # the EHR hears of its own calendars through our requests (SRM), never through SIU
+    subscribers = [d for d in config.destinations if d not in owners]
+    outbound = OutboundSIU(subscribers, outbound_settings)
+    mirror_requests = MirrorRequests(owners, outbound_settings)
+    extra = [("outbound_siu", outbound)] if subscribers else []
+    if owners:
+        extra.append(("mirror_requests", mirror_requests))
+    host = PluginHost(disabled=config.plugins.disabled, metrics=metrics, extra=extra)
+    return host, outbound, mirror_requests
+
+
 STARTUP_LOCK = 0x510_7E61  # PostgreSQL advisory lock: one node migrates and loads the clinic at a time
 
 
@@ -126,15 +143,7 @@ class Daemon:
         self.engine = prepare_database(config.database.url, config.database.pool_size, config.clinic.data)
         self.sessions = make_session_factory(self.engine)
         self.outbound_settings = OutboundSettings(default_timezone=config.clinic.timezone)
-        owners = request_owners(config.feeds, config.destinations)
-        # the EHR hears of its own calendars through our requests (SRM), never through SIU
-        subscribers = [d for d in config.destinations if d not in owners]
-        self.outbound = OutboundSIU(subscribers, self.outbound_settings)
-        self.mirror_requests = MirrorRequests(owners, self.outbound_settings)
-        extra = [("outbound_siu", self.outbound)] if subscribers else []
-        if owners:
-            extra.append(("mirror_requests", self.mirror_requests))
-        self.plugins = PluginHost(disabled=config.plugins.disabled, metrics=self.metrics, extra=extra)
+        self.plugins, self.outbound, self.mirror_requests = build_plugins(config, self.outbound_settings, self.metrics)
         self.scheduler = Scheduler(self.sessions, plugins=self.plugins, clock=self.clock,
                                    settings=engine_settings(config))
         self.context = make_context(self.scheduler, plugin_settings=config.plugins.settings, metrics=self.metrics)
