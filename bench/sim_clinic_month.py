@@ -109,6 +109,7 @@ import importlib
 import itertools
 import json
 import math
+import multiprocessing
 import random
 import shutil
 import statistics
@@ -116,6 +117,7 @@ import sys
 import tempfile
 import time as wall
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -237,6 +239,7 @@ class World:
     requests: list[Request]
     urgents: list[Urgent]
     base: float = 0.0
+    warmup_days: int = 28
     start: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     end: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -294,7 +297,7 @@ def solve_base(patients: list[PatientSpec], seed: int) -> float:
     return (low + high) / 2
 
 
-def build_world(seed: int, weeks: int, patient_count: int, demand_factor: float) -> World:
+def build_world(seed: int, weeks: int, patient_count: int, demand_factor: float, *, longest_lead: int = 35) -> World:
     rng = rng_for(seed, "world")
     patients = [PatientSpec(i, rng.choice("FM"), date(1940 + rng.randrange(70), 1 + rng.randrange(12), 1 + rng.randrange(28)),
                             rng.gauss(0.0, PROPENSITY_SD), rng.choices(["sms", "email", "voice"], [0.7, 0.2, 0.1])[0],
@@ -302,7 +305,9 @@ def build_world(seed: int, weeks: int, patient_count: int, demand_factor: float)
                 for i in range(patient_count)]
     world = World(seed, weeks, patients, [], [])
     world.base = solve_base(patients, seed)
-    warmup_days = 28
+    scale = longest_lead / 35  # --quick books at most two weeks ahead, so two weeks of booking fill its calendar
+    warmup_days = 28 if longest_lead >= 35 else longest_lead
+    world.warmup_days = warmup_days
     world.start = local(FIRST_DAY - timedelta(days=warmup_days), 0)
     world.end = local(world.last_day + timedelta(days=1), 23)
     per_weekday = seats_per_week() * demand_factor / 5
@@ -315,7 +320,7 @@ def build_world(seed: int, weeks: int, patient_count: int, demand_factor: float)
                 at = local(day, rng.uniform(8, 17))
                 specialty, kind, _share, minutes = DEMAND[rng.choices(range(len(DEMAND)), weights)[0]]
                 band = rng.random()
-                lead = rng.uniform(0, 3) if band < 0.3 else rng.uniform(4, 14) if band < 0.7 else rng.uniform(15, 35)
+                lead = rng.uniform(0, 3) if band < 0.3 else scale * (rng.uniform(4, 14) if band < 0.7 else rng.uniform(15, 35))
                 earliest_day = (at + timedelta(days=lead)).astimezone(zone(NEW_YORK)).date()
                 while earliest_day.weekday() >= 5:  # "from Saturday" means Monday
                     earliest_day += timedelta(days=1)
@@ -548,13 +553,16 @@ class Arm:
             self.react()
             self.prompt_jobs()
 
+    def busy_time(self) -> bool:
+        """Clinic hours of the month (and the days before it, when its reminders go out)."""
+        here = self.clock.now().astimezone(zone(NEW_YORK))
+        return here.weekday() < 5 and 7 <= here.hour < 20 and here.date() >= FIRST_DAY - timedelta(days=3)
+
     def tick(self) -> None:
         for job in self.interval_jobs:
             self.run_job(job)
         self.last_prompt = now = self.clock.now()
-        here = now.astimezone(zone(NEW_YORK))
-        clinic_hours = here.weekday() < 5 and 7 <= here.hour < 20 and here.date() >= FIRST_DAY - timedelta(days=3)
-        self.at(now + timedelta(minutes=15 if clinic_hours else 180), self.tick)
+        self.at(now + timedelta(minutes=60 if self.busy_time() else 360), self.tick)
 
     def _cron(self, job, trigger, after: datetime) -> None:
         following = trigger.get_next_fire_time(None, after + timedelta(seconds=1))
@@ -574,9 +582,10 @@ class Arm:
                 self.notes.append(f"job {job.job_id} at {self.clock.now().isoformat()}: {outcome[:200]}")
 
     def prompt_jobs(self) -> None:
-        """The daemon sweeps every 30 s: work that falls due is done within minutes, not at the next tick."""
+        """The daemon sweeps every 30 s: work that falls due (messages, plugin tasks) is done within
+        10 minutes in clinic hours, not at the next tick; each plugin's sweep only when it has work."""
         now = self.clock.now()
-        if now - self.last_prompt < timedelta(minutes=5):
+        if now - self.last_prompt < timedelta(minutes=10 if self.busy_time() else 120):
             return
         with self.sessions() as session:
             sending = session.scalar(select(OutboxItem.id).where(OutboxItem.status == "pending",
@@ -599,11 +608,11 @@ class Arm:
         earliest = max(request.earliest, now + timedelta(hours=1))
         query = dict(appointment_type=request.appointment_type, specialty=request.specialty, patient_id=patient_id)
         near = self.scheduler.free_slots(SlotQuery(start=earliest, end=earliest + timedelta(days=request.tolerance_days),
-                                                   limit=2, overbook=True, **query))
+                                                   limit=1, overbook=True, **query))
         appointment = self._book_first(near, patient_id, request)
         self.counts["requests"] += 1
         if appointment is None:
-            later = self.scheduler.free_slots(SlotQuery(start=earliest, end=earliest + timedelta(days=42), limit=2,
+            later = self.scheduler.free_slots(SlotQuery(start=earliest, end=earliest + timedelta(days=42), limit=1,
                                                         **query))
             appointment = self._book_first(later, patient_id, request)
             entry = self.scheduler.add_to_waitlist(
@@ -955,15 +964,21 @@ class Arm:
                 merged[-1] = (merged[-1][0], max(merged[-1][1], s.end))
             else:
                 merged.append((s.start, s.end))
-        open_minutes = busy_inside = busy_total = 0.0
+        per_provider: dict[str, dict[str, float]] = {}
         for provider_id, provider_spans in spans.items():
             busy = [b for b in self.busy_intervals[provider_id] if first <= b[0] < last]
-            open_minutes += sum((e - s).total_seconds() / 60 for s, e in provider_spans)
-            busy_total += sum((e - s).total_seconds() / 60 for s, e in busy)
-            for b0, b1 in busy:
-                for s0, s1 in provider_spans:
-                    overlap = (min(b1, s1) - max(b0, s0)).total_seconds() / 60
-                    busy_inside += max(overlap, 0)
+            opened = sum((e - s).total_seconds() / 60 for s, e in provider_spans)
+            inside = sum(max((min(b1, s1) - max(b0, s0)).total_seconds() / 60, 0)
+                         for b0, b1 in busy for s0, s1 in provider_spans)
+            total = sum((e - s).total_seconds() / 60 for s, e in busy)
+            waited = [(v.seen - max(v.scheduled, v.arrival)).total_seconds() / 60 for v in self.visits.values()
+                      if v.provider_id == provider_id and v.seen is not None and first <= v.scheduled < last]
+            per_provider[self.providers[provider_id]] = {
+                "open_min": round(opened), "idle_min": round(opened - inside), "overtime_min": round(total - inside),
+                "wait_mean_min": round(statistics.fmean(waited), 1) if waited else None}
+        open_minutes = sum(p["open_min"] for p in per_provider.values())
+        idle_minutes = sum(p["idle_min"] for p in per_provider.values())
+        overtime_minutes = sum(p["overtime_min"] for p in per_provider.values())
         waits = [(v.seen - max(v.scheduled, v.arrival)).total_seconds() / 60 for v in self.visits.values()
                  if v.seen is not None and v.arrival is not None and first <= v.scheduled < last]
         urgent_total = len(world.urgents)
@@ -983,10 +998,11 @@ class Arm:
             "wait_mean_min": round(statistics.fmean(waits), 2) if waits else None,
             "wait_p50_min": round(statistics.median(waits), 1) if waits else None,
             "wait_p90_min": round(sorted(waits)[int(0.9 * (len(waits) - 1))], 1) if waits else None,
-            "idle_min": round(open_minutes - busy_inside),
-            "idle_share": round((open_minutes - busy_inside) / open_minutes, 4) if open_minutes else None,
-            "overtime_min": round(busy_total - busy_inside),
-            "open_minutes": round(open_minutes),
+            "idle_min": idle_minutes,
+            "idle_share": round(idle_minutes / open_minutes, 4) if open_minutes else None,
+            "overtime_min": overtime_minutes,
+            "open_minutes": open_minutes,
+            "providers": per_provider,
             "urgent_requests": urgent_total,
             "urgent_same_day": self.counts["urgent served same day"],
             "urgent_same_day_rate": round(self.counts["urgent served same day"] / urgent_total, 4) if urgent_total else None,
@@ -1041,6 +1057,19 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round(a / b, 3)
 
 
+def run_arm(world: World, name: str, issue8: bool, directory: Path) -> dict[str, Any]:
+    """One arm, start to finish (in a process of its own when the arms run side by side)."""
+    started = wall.perf_counter()
+    arm = Arm(world, name, issue8, directory)
+    arm.set_up()
+    setup_notes, arm.notes = arm.notes, []
+    arm.run()
+    result = arm.measure()
+    arm.engine.dispose()
+    return {"result": result, "active": arm.active, "setup_notes": setup_notes,
+            "seconds": round(wall.perf_counter() - started, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 week, 900 patients (under 30 s)")
@@ -1049,6 +1078,8 @@ def main() -> int:
     ap.add_argument("--demand", type=float, default=1.15, help="requests per routine seat (default 1.15)")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--keep", action="store_true", help="keep the SQLite files (their directory is printed)")
+    ap.add_argument("--serial", action="store_true", help="run the arms one after the other (default: side by side, "
+                                                           "one process each)")
     args = ap.parse_args()
     weeks = args.weeks or (1 if args.quick else 4)
     patients = args.patients or (900 if args.quick else 2500)
@@ -1056,27 +1087,27 @@ def main() -> int:
     info, revision = machine_info(), source_revision()
     print(machine_line(info), flush=True)
     started = wall.perf_counter()
-    world = build_world(args.seed, weeks, patients, args.demand)
-    print(f"world: {weeks} week(s) from {FIRST_DAY} (+4 weeks of booking before), {patients:,} patients, "
+    world = build_world(args.seed, weeks, patients, args.demand, longest_lead=14 if args.quick else 35)
+    print(f"world: {weeks} week(s) from {FIRST_DAY} (+{world.warmup_days} days of booking before), {patients:,} patients, "
           f"{len(world.requests):,} booking requests, {len(world.urgents):,} urgent requests, seed {args.seed}; "
           f"show-model intercept {world.base:.2f} for {RAW_NO_SHOW:.0%} missed before reminders", flush=True)
     shm = Path("/dev/shm")
     directory = Path(tempfile.mkdtemp(prefix="sim-clinic-", dir=shm if shm.is_dir() else None))
-    results, seconds = {}, {}
+    arms = (("baseline", False), ("issue8", True))
     try:
-        for name, issue8 in (("baseline", False), ("issue8", True)):
-            arm_started = wall.perf_counter()
-            arm = Arm(world, name, issue8, directory)
-            arm.set_up()
-            print(f"{name}: plugins {', '.join(arm.active)}" + "".join(f"\n  note: {n}" for n in arm.notes), flush=True)
-            arm.notes.clear()
-            arm.run()
-            results[name] = arm.measure()
-            arm.engine.dispose()
-            seconds[name] = round(wall.perf_counter() - arm_started, 1)
-            for note in results[name]["notes"]:
+        if args.serial:
+            runs = {name: run_arm(world, name, issue8, directory) for name, issue8 in arms}
+        else:
+            with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork")) as pool:
+                futures = {name: pool.submit(run_arm, world, name, issue8, directory) for name, issue8 in arms}
+                runs = {name: future.result() for name, future in futures.items()}
+        results = {name: run["result"] for name, run in runs.items()}
+        seconds = {name: run["seconds"] for name, run in runs.items()}
+        for name, run in runs.items():
+            print(f"{name}: plugins {', '.join(run['active'])}; simulated in {run['seconds']:.1f} s "
+                  f"({run['result']['job_runs']:,} job runs)")
+            for note in run["setup_notes"] + run["result"]["notes"]:
                 print(f"  note: {note}")
-            print(f"{name}: simulated in {seconds[name]:.1f} s ({results[name]['job_runs']:,} job runs)", flush=True)
     finally:
         if args.keep:
             print(f"databases kept in {directory}")
@@ -1092,6 +1123,10 @@ def main() -> int:
                      "-" if ratio(new.get(key), base.get(key)) is None else f"{ratio(new.get(key), base.get(key)):.2f}"])
     print_table(["per arm", "baseline", "issue8", "issue8 / baseline"], rows)
     print(f"\nurgent outcomes: baseline {base['urgent_outcomes']}, issue8 {new['urgent_outcomes']}")
+    print("per provider (baseline -> issue8): " + "; ".join(
+        f"{code} idle {b['idle_min']}->{new['providers'][code]['idle_min']} min, overtime {b['overtime_min']}->"
+        f"{new['providers'][code]['overtime_min']} min, wait {b['wait_mean_min']}->{new['providers'][code]['wait_mean_min']}"
+        for code, b in sorted(base["providers"].items())))
     for name in ("baseline", "issue8"):
         print(f"{name} events: " + ", ".join(f"{k} {v}" for k, v in results[name]["events"].items()))
     ratios = {key: ratio(new.get(key), base.get(key)) for key in

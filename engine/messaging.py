@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from sqlalchemy import select
 
 from engine.calendar import zone
-from engine.models import Appointment, Location, Patient, PatientIdentifier
+from engine.models import Appointment, Location, Patient, PatientFlag, PatientIdentifier
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -50,7 +50,10 @@ def address_for(patient, channel: str) -> str:
 
 def choose_channel(patient, available: Iterable[str], fallback_order: Iterable[str] = PATIENT_CHANNELS) -> Optional[tuple[str, str]]:
     """``(channel, address)``: the patient's preferred channel when it is available and
-    they have an address for it, else the first of ``fallback_order`` that works."""
+    they have an address for it, else the first of ``fallback_order`` that works.
+    Nobody writes to a patient recorded as deceased."""
+    if patient is None or getattr(patient, "deceased", False):
+        return None
     available = set(available)
     order = [patient.preferred_channel] if patient.preferred_channel else []
     order += [c for c in fallback_order if c not in order]
@@ -60,6 +63,13 @@ def choose_channel(patient, available: Iterable[str], fallback_order: Iterable[s
             if address:
                 return channel, address
     return None
+
+
+def opt_outs(session, patient_id: int) -> set[str]:
+    """What the patient declined (their ``opt_out:*`` flags, from PD1-11 or a reply):
+    a purpose (``reminder``, ``recall``) or a channel (``voice``, ``sms``, ``email``)."""
+    return {flag.removeprefix("opt_out:") for flag in session.scalars(
+        select(PatientFlag.flag).where(PatientFlag.patient_id == patient_id, PatientFlag.flag.like("opt_out:%")))}
 
 
 def language_of(patient, known: Iterable[str]) -> str:

@@ -59,6 +59,7 @@ from engine.jobs import dispatch_outbox
 from engine.messaging import (
     address_for,
     choose_channel,
+    opt_outs,
     describe_for_staff,
     language_of,
     local_when,
@@ -228,7 +229,12 @@ def plan_reminders(session: Session, appointment: Appointment, context, *, confi
     if settings is None or appointment.patient_id is None:
         return 0
     patient = session.get(Patient, appointment.patient_id)
-    chosen = choose_channel(patient, [c for c in settings.channels if c in context.channels], settings.channels)
+    declined = opt_outs(session, appointment.patient_id)
+    if "reminder" in declined:
+        log.info("the patient declined reminders", extra={"appointment_id": appointment.id})
+        return 0
+    chosen = choose_channel(patient, [c for c in settings.channels if c in context.channels and c not in declined],
+                            settings.channels)
     if chosen is None:
         log.info("no channel reaches the patient; no reminders", extra={"appointment_id": appointment.id})
         return 0
@@ -294,7 +300,11 @@ def plan_follow_up(session: Session, appointment: Appointment, context) -> int:
     if settings is None or not settings.follow_up_hours or appointment.patient_id is None:
         return 0
     patient = session.get(Patient, appointment.patient_id)
-    chosen = choose_channel(patient, [c for c in settings.channels if c in context.channels], settings.channels)
+    declined = opt_outs(session, appointment.patient_id)
+    if "reminder" in declined:
+        return 0
+    chosen = choose_channel(patient, [c for c in settings.channels if c in context.channels and c not in declined],
+                            settings.channels)
     if chosen is None:
         return 0
     tz = _zone_of(session, appointment.location_id, context.scheduler.settings.default_timezone)

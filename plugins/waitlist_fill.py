@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 from engine.calendar import zone
 from engine.errors import NotFound, SchedulingError
 from engine.jobs import claim_due, dispatch_outbox, plan_task, sweep_tasks
-from engine.messaging import address_for, choose_channel, in_quiet_hours, language_of, local_when
+from engine.messaging import address_for, choose_channel, in_quiet_hours, language_of, local_when, opt_outs
 from engine.models import (
     Appointment,
     Location,
@@ -303,7 +303,9 @@ def offer_slot(context, session: Session, slot: Slot, now: datetime, *, overbook
                               status="offered", score=score, offered_at=now, expires_at=expires)
         session.add(offer)
         session.flush()
-        chosen = choose_channel(session.get(Patient, entry.patient_id), available, settings.channels)
+        declined = opt_outs(session, entry.patient_id)  # they asked for the offers; a channel may still be declined
+        chosen = choose_channel(session.get(Patient, entry.patient_id), [c for c in available if c not in declined],
+                                settings.channels)
         if chosen is not None:
             session.add(OutboxItem(channel=chosen[0], kind="waitlist_offer", due_at=now, status="pending",
                                    payload={"offer_id": offer.id}, attempts=0, last_error="", created_at=now))

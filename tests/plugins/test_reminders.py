@@ -142,3 +142,19 @@ def test_the_patients_preferred_channel_when_it_can_reach_them(clinic, preferred
                              preferred_channel=preferred)
     appointment = clinic.book(patient, after=utc(2026, 3, 9, 14))
     assert {i.channel for i in outbox(clinic.scheduler, appointment.id)} == {expected}
+
+
+def test_patients_who_declined_reminders_or_a_channel_or_died_get_none_by_it(clinic):
+    declined = clinic.patient("R10", email="r10@example.org")
+    clinic.scheduler.set_patient_flags(declined.id, ["opt_out:reminder"], STAFF, source="hl7:PD1-11")
+    assert outbox(clinic.scheduler, clinic.book(declined, after=utc(2026, 3, 6, 14)).id) == []
+
+    no_email = clinic.patient("R11", email="r11@example.org")
+    clinic.scheduler.set_patient_flags(no_email.id, ["opt_out:email"], STAFF, source="patient reply")
+    assert all(i.channel != "email" for i in outbox(clinic.scheduler,
+                                                     clinic.book(no_email, after=utc(2026, 3, 6, 15)).id))
+
+    from engine.requests import Identifier, PatientRecord
+    died = clinic.patient("R12", email="r12@example.org")
+    clinic.scheduler.register_patient(PatientRecord(identifiers=[Identifier("R12", "HOSP", "MR")], deceased=True), STAFF)
+    assert outbox(clinic.scheduler, clinic.book(died, after=utc(2026, 3, 6, 16)).id) == []
