@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 SIGNATURE_HEADER = "X-Slotengine-Signature"
 log = logging.getLogger("slotengine.signing")
@@ -91,3 +91,30 @@ def secret_from_settings(settings: dict[str, Any], key: str, where: str, *, defa
     log.warning("no secret configured; a random one is used until restart",
                 extra={"setting": f"{where}.{key}", "env": env})
     return secrets.token_hex(32)
+
+
+def reply_route(answer: Callable[[str, str], dict[str, Any]]) -> Callable[..., tuple[int, dict[str, Any]]]:
+    """The HTTP handler for a patient's signed reply: a JSON body ``{"token": ...,
+    "answer": ...}`` (``text`` for an SMS gateway's forward; both may come in the
+    query instead) handed to ``answer(token, text)``.  A bad token is 403, a
+    scheduling conflict 409 with its code, any other unusable answer 400."""
+    from engine.errors import SchedulingError
+
+    def handle(body: bytes, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        try:
+            data = json.loads(body or b"{}")
+            if not isinstance(data, dict):
+                raise ValueError
+        except ValueError:
+            return 400, {"error": "the body must be a JSON object"}
+        token = data.get("token") or query.get("token", "")
+        text = data.get("answer") or data.get("text") or query.get("answer", "")
+        try:
+            return 200, answer(token, text)
+        except BadToken as exc:
+            return 403, {"error": str(exc)}
+        except SchedulingError as exc:
+            return 409, {"error": str(exc), "code": exc.code}
+        except ValueError as exc:
+            return 400, {"error": str(exc)}
+    return handle

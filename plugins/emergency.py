@@ -61,7 +61,6 @@ Settings::
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -96,7 +95,7 @@ from engine.models import (
 from engine.plugin import hookimpl
 from engine.requests import Actor, BookingRequest, Change, ChangeOutcome, SlotQuery, UrgentRequest
 from engine.service import Scheduler, slot_accepts
-from engine.signing import BadToken, make_token, read_token, secret_from_settings
+from engine.signing import BadToken, make_token, read_token, reply_route, secret_from_settings
 from engine.states import OCCUPYING
 from plugins.emergency_plan import (
     CANCEL,
@@ -956,23 +955,6 @@ def reply(context, token: str, answer_text: str) -> dict[str, Any]:
     return choose_alternative(context, int(claims["m"]), int(word))
 
 
-def _reply_handler(context):
-    def handle_reply(body: bytes, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict]:
-        try:
-            data = json.loads(body or b"{}")
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            return 400, {"error": "the body must be a JSON object"}
-        try:
-            return 200, reply(context, data.get("token", ""), data.get("answer") or data.get("text", ""))
-        except BadToken as exc:
-            return 403, {"error": str(exc)}
-        except SchedulingError as exc:
-            return 409, {"error": str(exc), "code": exc.code}
-        except ValueError as exc:
-            return 400, {"error": str(exc)}
-    return handle_reply
 
 
 # --- reading them back (``slotengine emergencies list|show``) -------------------------------------------------
@@ -1043,4 +1025,4 @@ def slotengine_register_jobs(register, context) -> None:
 @hookimpl(trylast=True)
 def slotengine_register_http_routes(register, context) -> None:
     if _settings(context) is not None:
-        register("POST", "/emergency/reply", _reply_handler(context))
+        register("POST", "/emergency/reply", reply_route(partial(reply, context)))

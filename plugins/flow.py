@@ -104,7 +104,7 @@ from engine.models import (
 )
 from engine.plugin import hookimpl
 from engine.requests import Actor, BookingRequest, Change, SlotQuery
-from engine.signing import BadToken, make_token, read_token, secret_from_settings
+from engine.signing import BadToken, make_token, read_token, reply_route, secret_from_settings
 from engine.states import OCCUPYING, Status
 
 log = logging.getLogger("slotengine.plugins.flow")
@@ -796,19 +796,6 @@ def _json_body(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _reply_handler(context):
-    def handle(body: bytes, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict]:
-        try:
-            data = _json_body(body)
-            return 200, reply_to_notice(context, data.get("token") or query.get("token", ""),
-                                        data.get("answer") or data.get("text") or query.get("answer", ""))
-        except BadToken as exc:
-            return 403, {"error": str(exc)}
-        except SchedulingError as exc:
-            return 409, {"error": str(exc), "code": exc.code}
-        except ValueError as exc:
-            return 400, {"error": str(exc)}
-    return handle
 
 
 def _late_handler(context):
@@ -831,5 +818,5 @@ def _late_handler(context):
 def slotengine_register_http_routes(register, context) -> None:
     settings = _settings(context)
     if settings is not None and settings.running_late:
-        register("POST", "/flow/reply", _reply_handler(context))
+        register("POST", "/flow/reply", reply_route(partial(reply_to_notice, context)))
         register("POST", "/flow/late", _late_handler(context))

@@ -78,7 +78,6 @@ Settings::
 from __future__ import annotations
 
 import calendar as month_calendar
-import json
 import logging
 import re
 from collections import Counter
@@ -109,7 +108,7 @@ from engine.models import (
 from engine.plugin import hookimpl
 from engine.requests import Actor, Change
 from engine.service import EXCLUSIVE_SLOT_TYPES
-from engine.signing import BadToken, make_token, read_token, secret_from_settings
+from engine.signing import BadToken, make_token, read_token, reply_route, secret_from_settings
 
 log = logging.getLogger("slotengine.plugins.recall")
 
@@ -920,28 +919,13 @@ def record_reply(context, token: str, answer: str) -> dict[str, Any]:
     return {"ticket_id": int(claims["r"]), "answer": "stop", "opted_out": True}
 
 
-def _reply_handler(context):
-    def handle(body: bytes, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict]:
-        try:
-            data = json.loads(body or b"{}")
-            if not isinstance(data, dict):
-                raise ValueError
-        except ValueError:
-            return 400, {"error": "the body must be a JSON object"}
-        try:
-            return 200, record_reply(context, data.get("token", ""), data.get("answer") or data.get("text", ""))
-        except BadToken as exc:
-            return 403, {"error": str(exc)}
-        except ValueError as exc:
-            return 400, {"error": str(exc)}
-    return handle
 
 
 @hookimpl(trylast=True)
 def slotengine_register_http_routes(register, context) -> None:
     settings = _settings(context)
     if settings is not None and settings.rules:
-        register("POST", "/recall/reply", _reply_handler(context))
+        register("POST", "/recall/reply", reply_route(partial(record_reply, context)))
 
 
 # --- listing (``slotengine recall list``) -------------------------------------------------------------

@@ -38,7 +38,6 @@ Settings::
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
@@ -67,7 +66,7 @@ from engine.models import (
 from engine.plugin import hookimpl
 from engine.requests import Actor, BookingRequest, Change
 from engine.service import slot_accepts
-from engine.signing import BadToken, make_token, read_token, secret_from_settings
+from engine.signing import BadToken, make_token, read_token, reply_route, secret_from_settings
 from engine.states import OCCUPYING
 
 log = logging.getLogger("slotengine.plugins.waitlist_fill")
@@ -417,23 +416,6 @@ def reply_to_offer(context, token: str, answer: str) -> dict[str, Any]:
     raise ValueError(f"unknown answer {answer!r}; expected yes or no")
 
 
-def _reply_handler(context):
-    def handle(body: bytes, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict]:
-        try:
-            data = json.loads(body or b"{}")
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            return 400, {"error": "the body must be a JSON object"}
-        try:
-            return 200, reply_to_offer(context, data.get("token", ""), data.get("answer") or data.get("text", ""))
-        except BadToken as exc:
-            return 403, {"error": str(exc)}
-        except SchedulingError as exc:
-            return 409, {"error": str(exc), "code": exc.code}
-        except ValueError as exc:
-            return 400, {"error": str(exc)}
-    return handle
 
 
 # --- sweeps ---------------------------------------------------------------------------------------
@@ -517,4 +499,4 @@ def slotengine_register_jobs(register, context) -> None:
 @hookimpl(trylast=True)
 def slotengine_register_http_routes(register, context) -> None:
     if _settings(context) is not None:
-        register("POST", "/waitlist/reply", _reply_handler(context))
+        register("POST", "/waitlist/reply", reply_route(partial(reply_to_offer, context)))
