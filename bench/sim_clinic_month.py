@@ -59,7 +59,8 @@ What happens, on the engine's service API only:
   are marked ``no_show`` 16 minutes after their time.  Jobs run as the
   daemon would run them: each interval job every 15 minutes from 07:00 to
   20:00 New York time (every 3 hours at night) and as soon as the engine
-  has outbox items or plugin tasks due; cron jobs at their APScheduler
+  has outbox items or plugin tasks due (within 15 minutes in clinic hours),
+  a job that found nothing to do backing off to every 4 hours; cron jobs at their APScheduler
   ``CronTrigger`` times (``noshow.refit`` set to weekly, Mondays 03:30, to
   keep the run short).
 
@@ -111,6 +112,7 @@ import json
 import math
 import multiprocessing
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -167,6 +169,8 @@ NOT_SIMULATED = ("eligibility", "referrals", "instructions", "notices", "channel
 TARGET_NO_SHOW = 0.20
 RAW_NO_SHOW = 0.27  # before reminders; the messages both arms send bring it to about TARGET_NO_SHOW
 DESK = Actor("operator", "front-desk", "sim_clinic_month.py")
+#: A job outcome that says it found nothing to do ("ok: 0 offers expired", "ok: no recall rules configured").
+IDLE = re.compile(r"^ok(: (0 |no |nothing)|$)")
 
 #: What patients ask for: specialty, appointment type, share of requests, minutes (waitlist entries).
 DEMAND = [
@@ -425,6 +429,8 @@ class Arm:
         self.counts: Counter = Counter()
         self.urgent_outcomes: Counter = Counter()
         self.last_prompt = datetime.min.replace(tzinfo=timezone.utc)
+        self.next_run: dict[str, datetime] = {}
+        self.backoff: dict[str, timedelta] = {}
         self.notes: list[str] = []
 
     # --- set-up --------------------------------------------------------------------------------
@@ -559,10 +565,21 @@ class Arm:
         return here.weekday() < 5 and 7 <= here.hour < 20 and here.date() >= FIRST_DAY - timedelta(days=3)
 
     def tick(self) -> None:
+        """Every interval job at the base cadence (30 min in clinic hours, 6 h otherwise), except
+        that a job which found nothing to do waits twice as long each time, up to 4 hours."""
+        now = self.clock.now()
+        base = timedelta(minutes=30 if self.busy_time() else 360)
         for job in self.interval_jobs:
-            self.run_job(job)
-        self.last_prompt = now = self.clock.now()
-        self.at(now + timedelta(minutes=60 if self.busy_time() else 360), self.tick)
+            if now < self.next_run.get(job.job_id, now):
+                continue
+            outcome = self.run_job(job)
+            if IDLE.match(outcome):
+                self.backoff[job.job_id] = min(self.backoff.get(job.job_id, base) * 2, timedelta(hours=4))
+            else:
+                self.backoff[job.job_id] = base
+            self.next_run[job.job_id] = now + min(self.backoff[job.job_id], timedelta(hours=4))
+        self.last_prompt = now
+        self.at(now + base, self.tick)
 
     def _cron(self, job, trigger, after: datetime) -> None:
         following = trigger.get_next_fire_time(None, after + timedelta(seconds=1))
@@ -573,19 +590,20 @@ class Arm:
         self.run_job(job)
         self._cron(job, trigger, self.clock.now())
 
-    def run_job(self, job) -> None:
+    def run_job(self, job) -> str:
         outcome = run_job(self.context, job)
         self.counts[f"job {job.job_id}"] += 1
         if outcome.startswith("error"):
             self.counts["job errors"] += 1
             if self.counts["job errors"] <= 3:
                 self.notes.append(f"job {job.job_id} at {self.clock.now().isoformat()}: {outcome[:200]}")
+        return outcome
 
     def prompt_jobs(self) -> None:
         """The daemon sweeps every 30 s: work that falls due (messages, plugin tasks) is done within
         10 minutes in clinic hours, not at the next tick; each plugin's sweep only when it has work."""
         now = self.clock.now()
-        if now - self.last_prompt < timedelta(minutes=10 if self.busy_time() else 120):
+        if now - self.last_prompt < timedelta(minutes=15 if self.busy_time() else 120):
             return
         with self.sessions() as session:
             sending = session.scalar(select(OutboxItem.id).where(OutboxItem.status == "pending",
@@ -596,6 +614,7 @@ class Arm:
                if job.plugin in working or (sending and "send" in job.job_id)]
         for job in due:
             self.run_job(job)
+            self.next_run.pop(job.job_id, None)
         if due:
             self.last_prompt = now
             self.react()
