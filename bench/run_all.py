@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run every benchmark (``bench/bench_*.py``) and summarise them.
+"""Run every benchmark (``bench/bench_*.py``) and simulation (``bench/sim_*.py``) and summarise them.
 
     python bench/run_all.py                 # each in its quick form where it has one
     python bench/run_all.py --full          # each at its full size (passes --full where supported)
@@ -7,12 +7,12 @@
     python bench/run_all.py --database postgresql://postgres@127.0.0.1/test   # to benches that take --database
     python bench/run_all.py --list
 
-The scripts are found by glob, so a new ``bench_<name>.py`` is picked up as it
-lands. They run one after another (never together: each measures the machine),
-each in its own process with the project's interpreter. A script takes part in
-a mode only through the options it declares: ``--quick`` is passed when the
-script's source mentions it (else the script runs as it is), ``--full`` in
-full mode likewise, ``--database`` likewise.
+The scripts are found by glob, so a new ``bench_<name>.py`` or ``sim_<name>.py``
+is picked up as it lands. They run one after another (never together: each
+measures the machine), each in its own process with the project's interpreter.
+A script takes part in a mode only through the options it declares:
+``--quick`` is passed when the script's source mentions it (else the script
+runs as it is), ``--full`` in full mode likewise, ``--database`` likewise.
 
 Each script prints its result as a JSON object on its last JSON line (a
 ``BENCH `` prefix is allowed). This prints one row per script (status, time,
@@ -51,7 +51,7 @@ SKIPPED_KEYS = {"machine", "source", "targets", "targets_met", "mix", "runs", "b
 
 
 def discover(only: list[str]) -> list[Path]:
-    scripts = sorted(p for p in BENCH_DIR.glob("bench_*.py") if p.is_file())
+    scripts = sorted(p for pattern in ("bench_*.py", "sim_*.py") for p in BENCH_DIR.glob(pattern) if p.is_file())
     if only:
         wanted = {o.removeprefix("bench_").removesuffix(".py") for o in only}
         scripts = [p for p in scripts if p.stem.removeprefix("bench_") in wanted]
@@ -163,7 +163,7 @@ def main() -> int:
             print(f"{script.name:24} {' '.join(flags) or '(no options)'}")
         return 0
     if not scripts:
-        print("no bench/bench_*.py scripts matched", file=sys.stderr)
+        print("no bench/bench_*.py or bench/sim_*.py scripts matched", file=sys.stderr)
         return 1
 
     info = machine_info()

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """A clinic month, simulated on the real engine: what the #8 plugins change.
 
-    python bench/sim_clinic_month.py                 # 4 weeks, 2,500 patients (about 2-3 minutes here)
-    python bench/sim_clinic_month.py --quick         # 1 week, 900 patients (under 30 s)
-    python bench/sim_clinic_month.py --weeks 2 --seed 7 --keep
+    python bench/sim_clinic_month.py                 # 28 days, 2,500 patients (about 3 minutes here, idle)
+    python bench/sim_clinic_month.py --quick         # 3 clinic days, 600 patients (about 30 s, idle)
+    python bench/sim_clinic_month.py --days 14 --seed 7 --keep --serial
 
 Two arms run on identical, seeded demand, one after the other, each on its own
 SQLite file with the demo clinic (``config/demo-clinic.toml``: five
@@ -238,7 +238,7 @@ class Urgent:
 @dataclass
 class World:
     seed: int
-    weeks: int
+    days: int
     patients: list[PatientSpec]
     requests: list[Request]
     urgents: list[Urgent]
@@ -249,7 +249,7 @@ class World:
 
     @property
     def last_day(self) -> date:
-        return FIRST_DAY + timedelta(days=7 * self.weeks - 1)
+        return FIRST_DAY + timedelta(days=self.days - 1)
 
 
 def local(day: date, hour: float, tz: str = NEW_YORK) -> datetime:
@@ -301,15 +301,16 @@ def solve_base(patients: list[PatientSpec], seed: int) -> float:
     return (low + high) / 2
 
 
-def build_world(seed: int, weeks: int, patient_count: int, demand_factor: float, *, longest_lead: int = 35) -> World:
+def build_world(seed: int, days: int, patient_count: int, demand_factor: float, *, longest_lead: int = 35) -> World:
     rng = rng_for(seed, "world")
-    patients = [PatientSpec(i, rng.choice("FM"), date(1940 + rng.randrange(70), 1 + rng.randrange(12), 1 + rng.randrange(28)),
+    patients = [PatientSpec(i, rng.choice("FM"),
+                            date(1940 + rng.randrange(70), 1 + rng.randrange(12), 1 + rng.randrange(28)),
                             rng.gauss(0.0, PROPENSITY_SD), rng.choices(["sms", "email", "voice"], [0.7, 0.2, 0.1])[0],
                             rng.random() < 0.6)
                 for i in range(patient_count)]
-    world = World(seed, weeks, patients, [], [])
+    world = World(seed, days, patients, [], [])
     world.base = solve_base(patients, seed)
-    scale = longest_lead / 35  # --quick books at most two weeks ahead, so two weeks of booking fill its calendar
+    scale = longest_lead / 35  # --quick books at most 14 days ahead, so 14 days of booking fill its calendar
     warmup_days = 28 if longest_lead >= 35 else longest_lead
     world.warmup_days = warmup_days
     world.start = local(FIRST_DAY - timedelta(days=warmup_days), 0)
@@ -324,7 +325,8 @@ def build_world(seed: int, weeks: int, patient_count: int, demand_factor: float,
                 at = local(day, rng.uniform(8, 17))
                 specialty, kind, _share, minutes = DEMAND[rng.choices(range(len(DEMAND)), weights)[0]]
                 band = rng.random()
-                lead = rng.uniform(0, 3) if band < 0.3 else scale * (rng.uniform(4, 14) if band < 0.7 else rng.uniform(15, 35))
+                lead = rng.uniform(0, 3) if band < 0.3 else \
+                    scale * (rng.uniform(4, 14) if band < 0.7 else rng.uniform(15, 35))
                 earliest_day = (at + timedelta(days=lead)).astimezone(zone(NEW_YORK)).date()
                 while earliest_day.weekday() >= 5:  # "from Saturday" means Monday
                     earliest_day += timedelta(days=1)
@@ -524,7 +526,8 @@ class Arm:
                 outcome, changed = "completed", start + timedelta(minutes=minutes)
                 if rng.random() < 0.12:
                     outcome = "cancelled"
-                    changed = start - timedelta(hours=rng.uniform(1, 24) if rng.random() < 1 / 3 else rng.uniform(25, 240))
+                    late = rng.random() < 1 / 3
+                    changed = start - timedelta(hours=rng.uniform(1, 24) if late else rng.uniform(25, 240))
                 elif rng.random() > logistic(true_logit(world.base, patient.propensity, kind, lead,
                                                         start.astimezone(zone(tz)))):
                     outcome, changed = "no_show", start + timedelta(minutes=16)
@@ -663,6 +666,14 @@ class Arm:
             return appointment
         return None
 
+    def look(self, appointment_id: int):
+        """What the simulated people know of an appointment (one Core query; no ORM object)."""
+        with self.sessions() as session:
+            return session.execute(select(
+                Appointment.id, Appointment.status, Appointment.start, Appointment.end, Appointment.created_at,
+                Appointment.patient_id, Appointment.provider_id, Appointment.location_id, Appointment.urgency,
+                Appointment.appointment_type).where(Appointment.id == appointment_id)).one()
+
     def track(self, appointment_id: int, key: str, start: datetime) -> None:
         self.key_of[appointment_id] = key
         self.appointment_of[key] = appointment_id
@@ -672,7 +683,7 @@ class Arm:
         appointment_id = self.appointment_of.get(key)
         if appointment_id is None:
             return
-        appointment = self.scheduler.appointment(appointment_id)
+        appointment = self.look(appointment_id)
         if appointment.status not in ("booked", "overbooked") or appointment.start <= self.clock.now():
             return
         self.scheduler.cancel(appointment_id, Actor("patient", str(appointment.patient_id), "sim"), "patient cancelled")
@@ -707,7 +718,7 @@ class Arm:
     def _urgent_placed(self, urgent: Urgent, appointment_id: Optional[int]) -> None:
         if appointment_id is None:
             return
-        appointment = self.scheduler.appointment(appointment_id)
+        appointment = self.look(appointment_id)
         tz = self.zones.get(appointment.location_id, NEW_YORK)
         if appointment.start.astimezone(zone(tz)).date() == urgent.at.astimezone(zone(tz)).date():
             self.counts["urgent served same day"] += 1
@@ -761,7 +772,7 @@ class Arm:
 
     def answer_reminder(self, appointment_id: int, token: str, how: str) -> None:
         reminders = importlib.import_module("plugins.reminders")
-        appointment = self.scheduler.appointment(appointment_id)
+        appointment = self.look(appointment_id)
         if appointment.status not in ("booked", "overbooked"):
             return
         key = self.key_of.get(appointment_id, f"a{appointment_id}")
@@ -783,7 +794,7 @@ class Arm:
             self.counts[f"reply refused: {type(exc).__name__}"] += 1
 
     def desk_call(self, appointment_id: int) -> None:
-        appointment = self.scheduler.appointment(appointment_id)
+        appointment = self.look(appointment_id)
         if appointment.status not in ("booked", "overbooked") or appointment.start <= self.clock.now():
             return
         self.counts["desk calls"] += 1
@@ -827,7 +838,7 @@ class Arm:
 
             with self.sessions() as session:
                 entry_id = session.get(WaitlistOffer, offer_id).waitlist_id
-            appointment = self.scheduler.appointment(result["appointment_id"])
+            appointment = self.look(result["appointment_id"])
             key = self.key_of.get(appointment.id) or self.entry_key.get(entry_id, f"w{entry_id}")
             self.track(appointment.id, key, appointment.start)
 
@@ -846,7 +857,7 @@ class Arm:
             result = flow.reply_to_notice(self.context, token, "Y")
             self.counts[f"late offers {result.get('result')}"] += 1
             if result.get("result") == "accepted":
-                self.plan(appointment_id, self.scheduler.appointment(appointment_id).start)
+                self.plan(appointment_id, self.look(appointment_id).start)
             return
         if rng.random() >= 0.85:
             return
@@ -868,7 +879,7 @@ class Arm:
         self.at(max(self.clock.now(), start - timedelta(hours=2)), self.decide, appointment_id, start)
 
     def decide(self, appointment_id: int, start: datetime) -> None:
-        appointment = self.scheduler.appointment(appointment_id)
+        appointment = self.look(appointment_id)
         if appointment.status not in ("booked", "overbooked"):
             return
         if appointment.start != start:
@@ -900,7 +911,7 @@ class Arm:
                 AppointmentSlot.appointment_id == appointment_id)) or 1
 
     def no_show(self, appointment_id: int, start: datetime) -> None:
-        appointment = self.scheduler.appointment(appointment_id)
+        appointment = self.look(appointment_id)
         if appointment.status in ("booked", "overbooked") and appointment.start == start:
             self.scheduler.mark_no_show(appointment_id, DESK, "did not come")
             self.counts["no-shows marked"] += 1
@@ -908,7 +919,7 @@ class Arm:
     def arrive(self, appointment_id: int, start: datetime, arrival: datetime) -> None:
         if self.arrival_at.get(appointment_id) != arrival or self.planned.get(appointment_id) != start:
             return
-        appointment = self.scheduler.appointment(appointment_id)
+        appointment = self.look(appointment_id)
         if appointment.status not in ("booked", "overbooked") or appointment.start != start:
             if appointment.status in ("booked", "overbooked"):
                 self.plan(appointment_id, appointment.start)
@@ -946,14 +957,16 @@ class Arm:
 
     def measure(self) -> dict[str, Any]:
         world = self.world
-        first, last = local(FIRST_DAY, 0, "UTC") - timedelta(hours=12), local(world.last_day, 0, "UTC") + timedelta(hours=36)
+        first = local(FIRST_DAY, 0, "UTC") - timedelta(hours=12)
+        last = local(world.last_day, 0, "UTC") + timedelta(hours=36)
 
         def in_month(start: datetime, location_id: int) -> bool:
             day = start.astimezone(zone(self.zones.get(location_id, NEW_YORK))).date()
             return FIRST_DAY <= day <= world.last_day
 
         with self.sessions() as session:
-            slots = [s for s in session.execute(select(Slot.provider_id, Slot.start, Slot.end, Slot.capacity, Slot.location_id)
+            slots = [s for s in session.execute(select(Slot.provider_id, Slot.start, Slot.end, Slot.capacity,
+                                                       Slot.location_id)
                                                 .where(Slot.provider_id.is_not(None), Slot.blocked.is_(False),
                                                        Slot.start >= first, Slot.start < last))
                      if in_month(s.start, s.location_id)]
@@ -1024,7 +1037,8 @@ class Arm:
             "providers": per_provider,
             "urgent_requests": urgent_total,
             "urgent_same_day": self.counts["urgent served same day"],
-            "urgent_same_day_rate": round(self.counts["urgent served same day"] / urgent_total, 4) if urgent_total else None,
+            "urgent_same_day_rate":
+                round(self.counts["urgent served same day"] / urgent_total, 4) if urgent_total else None,
             "urgent_outcomes": dict(self.urgent_outcomes),
             "cancellations": self.counts["late cancellations"] + self.counts["early cancellations"]
             + self.counts["cancelled on a message"] + self.counts["cancelled on a call"],
@@ -1091,23 +1105,23 @@ def run_arm(world: World, name: str, issue8: bool, directory: Path) -> dict[str,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 week, 900 patients (under 30 s)")
-    ap.add_argument("--weeks", type=int, help="weeks measured (default 4; --quick 1)")
-    ap.add_argument("--patients", type=int, help="population (default 2,500; --quick 900)")
+    ap.add_argument("--quick", action="store_true", help="3 clinic days, 600 patients, bookings at most 14 days ahead")
+    ap.add_argument("--days", type=int, help="days measured from Monday 2026-06-01 (default 28; --quick 3)")
+    ap.add_argument("--patients", type=int, help="population (default 2,500; --quick 600)")
     ap.add_argument("--demand", type=float, default=1.15, help="requests per routine seat (default 1.15)")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--keep", action="store_true", help="keep the SQLite files (their directory is printed)")
     ap.add_argument("--serial", action="store_true", help="run the arms one after the other (default: side by side, "
                                                            "one process each)")
     args = ap.parse_args()
-    weeks = args.weeks or (1 if args.quick else 4)
-    patients = args.patients or (900 if args.quick else 2500)
+    days = args.days or (3 if args.quick else 28)
+    patients = args.patients or (600 if args.quick else 2500)
 
     info, revision = machine_info(), source_revision()
     print(machine_line(info), flush=True)
     started = wall.perf_counter()
-    world = build_world(args.seed, weeks, patients, args.demand, longest_lead=14 if args.quick else 35)
-    print(f"world: {weeks} week(s) from {FIRST_DAY} (+{world.warmup_days} days of booking before), {patients:,} patients, "
+    world = build_world(args.seed, days, patients, args.demand, longest_lead=14 if args.quick else 35)
+    print(f"world: {days} day(s) from {FIRST_DAY} (+{world.warmup_days} days of booking before), {patients:,} patients, "
           f"{len(world.requests):,} booking requests, {len(world.urgents):,} urgent requests, seed {args.seed}; "
           f"show-model intercept {world.base:.2f} for {RAW_NO_SHOW:.0%} missed before reminders", flush=True)
     shm = Path("/dev/shm")
@@ -1134,24 +1148,25 @@ def main() -> int:
             shutil.rmtree(directory, ignore_errors=True)
 
     base, new = results["baseline"], results["issue8"]
-    print(f"\nclinic month simulation: {weeks} week(s), demo clinic, seed {args.seed}, "
+    print(f"\nclinic month simulation: {days} day(s), demo clinic, seed {args.seed}, "
           f"{wall.perf_counter() - started:.0f} s\n")
     rows = []
     for label, key, fmt in HEADLINE:
-        rows.append([label, cell(base, key, fmt), cell(new, key, fmt),
-                     "-" if ratio(new.get(key), base.get(key)) is None else f"{ratio(new.get(key), base.get(key)):.2f}"])
+        relative = ratio(new.get(key), base.get(key))
+        rows.append([label, cell(base, key, fmt), cell(new, key, fmt), "-" if relative is None else f"{relative:.2f}"])
     print_table(["per arm", "baseline", "issue8", "issue8 / baseline"], rows)
     print(f"\nurgent outcomes: baseline {base['urgent_outcomes']}, issue8 {new['urgent_outcomes']}")
-    print("per provider (baseline -> issue8): " + "; ".join(
-        f"{code} idle {b['idle_min']}->{new['providers'][code]['idle_min']} min, overtime {b['overtime_min']}->"
-        f"{new['providers'][code]['overtime_min']} min, wait {b['wait_mean_min']}->{new['providers'][code]['wait_mean_min']}"
-        for code, b in sorted(base["providers"].items())))
+    print("per provider, baseline -> issue8:")
+    for code, b in sorted(base["providers"].items()):
+        n = new["providers"][code]
+        print(f"  {code:9} idle {b['idle_min']:>5} -> {n['idle_min']:>5} min, overtime {b['overtime_min']:>4} -> "
+              f"{n['overtime_min']:>4} min, mean wait {b['wait_mean_min']} -> {n['wait_mean_min']} min")
     for name in ("baseline", "issue8"):
         print(f"{name} events: " + ", ".join(f"{k} {v}" for k, v in results[name]["events"].items()))
     ratios = {key: ratio(new.get(key), base.get(key)) for key in
               ("fill_rate", "no_show_rate", "wait_mean_min", "idle_min", "overtime_min", "urgent_same_day")}
     print("BENCH " + json.dumps({
-        "bench": "sim_clinic_month", "weeks": weeks, "patients": patients, "seed": args.seed,
+        "bench": "sim_clinic_month", "days": days, "patients": patients, "seed": args.seed,
         "requests": len(world.requests), "urgent_requests": len(world.urgents),
         "seconds": round(wall.perf_counter() - started, 1), "arm_seconds": seconds,
         "baseline": {k: v for k, v in base.items() if k not in ("events", "notes")},

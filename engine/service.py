@@ -1129,9 +1129,7 @@ class Scheduler:
                 stmt = stmt.where(ChangeRequest.appointment_id == appointment_id)
             if status is not None:
                 stmt = stmt.where(ChangeRequest.status == status)
-            rows = list(session.scalars(stmt))
-            session.expunge_all()
-            return rows
+            return list(session.scalars(stmt))
 
     @staticmethod
     def _calendar_of(session: Session, request: BookingRequest) -> tuple[Optional[int], Optional[int]]:

@@ -205,8 +205,9 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, Iterator, Optional
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from engine.calendar import zone
 from engine.errors import NotFound, SchedulingError
@@ -1095,14 +1096,32 @@ def _provider_entity(ctx: _Context, ai: _AI) -> Optional[_Entity]:
                                     "active": True}, ai.seg, ai.field(3))
 
 
-def _existing_id(ctx: _Context, model, code: str) -> Optional[int]:
+_CODES = "slotengine.mapping.codes"
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_codes(session: Session, _transaction) -> None:
+    """A rolled-back savepoint may have taken a row we looked up with it."""
+    session.info.pop(_CODES, None)
+
+
+def _looked_up(ctx: _Context, key: tuple, query) -> Any:
+    """``query``'s scalar, remembered for the rest of the transaction: the messages of
+    one batch name the same few locations, providers and rooms again and again."""
     with ctx.scheduler.sessions() as session:
-        return session.scalar(select(model.id).where(model.code == code))
+        known = session.info.setdefault(_CODES, {})
+        if key not in known:
+            known[key] = session.scalar(query)
+        return known[key]
+
+
+def _existing_id(ctx: _Context, model, code: str) -> Optional[int]:
+    return _looked_up(ctx, (model, code), select(model.id).where(model.code == code))
 
 
 def _location_timezone(ctx: _Context, code: str) -> str:
-    with ctx.scheduler.sessions() as session:
-        return session.scalar(select(Location.timezone).where(Location.code == code)) or ctx.default_tz
+    return _looked_up(ctx, ("timezone", code), select(Location.timezone).where(Location.code == code)) \
+        or ctx.default_tz
 
 
 def _ensure(ctx: _Context, entity: _Entity, **extra: Any) -> int:
@@ -1117,6 +1136,7 @@ def _ensure(ctx: _Context, entity: _Entity, **extra: Any) -> int:
             session.add(row)
             session.flush()
             new_id = row.id
+            session.info.get(_CODES, {}).pop((entity.model, entity.code), None)
     except IntegrityError:  # created by a concurrent writer meanwhile
         found = _existing_id(ctx, entity.model, entity.code)
         if found is None:

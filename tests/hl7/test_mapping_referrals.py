@@ -264,7 +264,10 @@ def test_the_processor_applies_a_stored_ref_i12(clinic, slotengine_context):
     raws[2] = raws[2].replace(b"^Cardiology", b"")  # no specialty: parked
     for raw in raws:
         receive(parse(raw), raw)
-    assert processor.apply_pending() == 3
+    applied = 0
+    while batch := processor.apply_pending():  # a batch ends early on a slow machine
+        applied += batch
+    assert applied == 3
     with s.sessions() as session:
         statuses = [(m.control_id, m.status) for m in session.scalars(select(InboundMessage)
                                                                       .order_by(InboundMessage.id))]
