@@ -59,10 +59,10 @@ from engine.jobs import dispatch_outbox
 from engine.messaging import (
     address_for,
     choose_channel,
-    opt_outs,
     describe_for_staff,
     language_of,
     local_when,
+    opt_outs,
     outside_quiet_hours,
 )
 from engine.models import Appointment, Location, OutboxItem, Patient, Provider
