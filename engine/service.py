@@ -992,6 +992,31 @@ class Scheduler:
             self._record(session, work, change, before=before, after=_with_overbook(_snapshot(appointment), overbooks))
         return appointment
 
+    def modify(self, appointment_id: int, actor: Actor, *, reason: Optional[str] = None, notes: Optional[str] = None,
+               why: str = "") -> Appointment:
+        """Change what an appointment is for (``reason``) or its ``notes``, not its time:
+        a ``modified`` change (SIU S14).  ``None`` leaves a field as it is; nothing
+        different records nothing."""
+        now = self.clock.now()
+        with self.unit_of_work() as (session, work):
+            appointment = self._appointment(session, appointment_id)
+            if Status(appointment.status) in RELEASING:
+                raise InvalidRequest(f"appointment {appointment.id} is {appointment.status}; it cannot be modified")
+            before = {**_snapshot(appointment), "reason": appointment.reason, "notes": appointment.notes}
+            changed = False
+            if reason is not None and reason[:400] != appointment.reason:
+                appointment.reason, changed = reason[:400], True
+            if notes is not None and notes != appointment.notes:
+                appointment.notes, changed = notes, True
+            if not changed:
+                return appointment
+            appointment.updated_at = now
+            change = Change("modified", appointment.id, appointment.status, appointment.status, actor, why,
+                            detail={"fields": [f for f, v in (("reason", reason), ("notes", notes)) if v is not None]})
+            self._record(session, work, change, before=before,
+                         after={**_snapshot(appointment), "reason": appointment.reason, "notes": appointment.notes})
+        return appointment
+
     def release_expired_holds(self) -> int:
         """Cancel holds whose time ran out; returns how many were released."""
         self.expire_change_requests()

@@ -63,8 +63,8 @@ Requests
   code (PL-2 a room: a resource), AIG-3.1 resource codes.
 * S01 new booking · S02 reschedule (ARQ-11 required) · S03/S08 modify
   (provider, resources, duration, type, or time when ARQ-11 moves it; a
-  change of reason/notes alone cannot be recorded: the engine has no call
-  for it — warning) · S04 cancel · S05 discontinue · S06 delete (a
+  change of reason (ARQ-7.2) or notes (NTE) alone is
+  ``Scheduler.modify``) · S04 cancel · S05 discontinue · S06 delete (a
   waitlisted request is taken off the waitlist) · S07 add the AIG/AIL
   resources · S09/S10/S11 take them off. Services (AIS) are not held
   apart from the appointment: AIS on S07–S11 is ignored with a warning.
@@ -969,12 +969,14 @@ def _modify(request: _Request) -> _Answer:
                      windows if windows and not _in_windows(appointment.start, windows) else stay,
                      minutes or current_minutes)
     if want.windows == stay and _unchanged(appointment, resources, want, current_minutes):
-        answer = _state_answer(request, appointment.id)
-        if request.reason() and request.reason() != appointment.reason or request.notes():
-            answer.errors.append(_err(207, "a change of reason or notes alone is not recorded (no engine call for "
-                                           "it): the appointment is unchanged", "ARQ", 1, 7, app="unsupported",
-                                      severity="W"))
-        return answer
+        reason, notes = request.reason(), request.notes()
+        if (reason and reason != appointment.reason) or (notes and notes != appointment.notes):
+            try:
+                request.scheduler.modify(appointment.id, request.actor, reason=reason or None, notes=notes or None,
+                                         why=request.request_reason())
+            except InvalidRequest as exc:
+                raise _Refused([_engine_err(exc, "ARQ", 1, 1)], appointment_id=appointment.id) from None
+        return _state_answer(request, appointment.id)
     return _move(request, appointment.id, want, reason=request.request_reason())
 
 

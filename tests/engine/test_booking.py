@@ -428,3 +428,20 @@ def test_bookings_sharing_one_transaction_undo_only_themselves_when_refused(sch,
     assert (get_slot(sch, nine.id).booked, get_slot(sch, jones_nine.id).booked, get_slot(sch, ten.id).booked) == (1, 0, 1)
     assert {r[3] for r in reservations(sch)} == {first, last}
     assert recorder.kinds()[heard:] == ["booked", "booked"]
+
+
+def test_modify_changes_reason_and_notes_only_and_records_it_once(sch, recorder):
+    from engine.errors import InvalidRequest
+
+    patient = make_patient(sch)
+    slot = slot_at(sch, "DRSMITH", local("2026-03-03", "09:00"))
+    appointment = book(sch, patient.id, slot.id, reason="cough")
+    modified = sch.modify(appointment.id, STAFF, reason="cough and fever", notes="bring inhaler", why="placer S03")
+    assert (modified.reason, modified.notes, modified.start) == ("cough and fever", "bring inhaler", slot.start)
+    [entry] = [a for a in audit(sch, entity_id=appointment.id) if a.action == "modified"]
+    assert (entry.before["reason"], entry.after["reason"], entry.reason) == ("cough", "cough and fever", "placer S03")
+    sch.modify(appointment.id, STAFF, reason="cough and fever")  # the same again: nothing recorded
+    assert [c.kind for c in recorder.committed].count("modified") == 1
+    sch.cancel(appointment.id, STAFF)
+    with pytest.raises(InvalidRequest, match="cancelled"):
+        sch.modify(appointment.id, STAFF, notes="too late")

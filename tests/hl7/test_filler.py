@@ -346,7 +346,7 @@ def test_resources_are_added_and_taken_off(placer, slotengine_scheduler):
     assert code(other_provider) == "AE" and errors(other_provider)[0][:2] == ("AIP^1^3^1^1", "207")
 
 
-def test_modify_changes_the_provider_in_place_and_warns_about_what_it_cannot_record(placer, slotengine_scheduler):
+def test_modify_changes_the_provider_in_place_and_records_new_notes(placer, slotengine_scheduler):
     placer.answer(srm("S01", start=dtm(9)))
     changed = placer.answer(srm("S03", provider="DRJONES", control="C2"))
     assert code(changed) == "AA"
@@ -355,9 +355,11 @@ def test_modify_changes_the_provider_in_place_and_warns_about_what_it_cannot_rec
     assert siu_events(slotengine_scheduler) == ["S12", "S14"]
     notes_only = placer.answer(srm("S03", provider="", extra=("NTE|1||please bring the old x-rays",),
                                    control="C3"))
-    assert code(notes_only) == "AA"
-    assert errors(notes_only)[0][1:3] == ("207", "unsupported")
-    assert notes_only.segments_named("ERR")[0].value(4) == "W"
+    assert code(notes_only) == "AA" and notes_only.segments_named("ERR") == []
+    assert [n.value(3) for n in notes_only.segments_named("NTE")] == ["please bring the old x-rays"]
+    assert siu_events(slotengine_scheduler) == ["S12", "S14", "S14"]
+    again = placer.answer(srm("S03", provider="", extra=("NTE|1||please bring the old x-rays",), control="C4"))
+    assert code(again) == "AA" and siu_events(slotengine_scheduler) == ["S12", "S14", "S14"]  # nothing new
 
 
 def test_a_reschedule_into_taken_time_keeps_the_appointment_and_offers_alternatives(placer, slotengine_scheduler):
