@@ -90,7 +90,7 @@ from sqlalchemy.orm import Session
 from engine.calendar import local_to_utc, zone
 from engine.errors import InvalidRequest, NotFound, SchedulingError
 from engine.jobs import dispatch_outbox
-from engine.messaging import address_for, choose_channel, describe_for_staff, language_of, local_when
+from engine.messaging import address_for, choose_channel, describe_for_staff, language_of, local_when, opt_outs
 from engine.models import (
     Appointment,
     AuditEntry,
@@ -99,8 +99,8 @@ from engine.models import (
     Location,
     OutboxItem,
     Patient,
-    PatientFlag,
     Provider,
+    Slot,
 )
 from engine.plugin import hookimpl
 from engine.requests import Actor, BookingRequest, Change, SlotQuery
@@ -371,12 +371,16 @@ def estimate_day(session: Session, provider_id: int, tz: str, now: datetime, *, 
             AuditEntry.entity == "appointment", AuditEntry.action == "checked_in",
             AuditEntry.entity_id.in_([a.id for a in in_progress])).group_by(AuditEntry.entity_id)).all()
     ) if in_progress else {}
-    free_at = now
+    # A provider whose slots seat several patients at once (capacity 2: a nurse
+    # works up one while the doctor sees the other) sees that many in parallel.
+    seats = max(1, session.scalar(select(func.max(Slot.capacity)).where(
+        Slot.provider_id == provider_id, Slot.start >= day_start, Slot.start < day_end)) or 1)
+    free_at = [now] * seats
     for visit in in_progress:
         began = started_at.get(visit.id) or visit.start
         ends = began + (visit.end - visit.start)
-        if ends > free_at:
-            free_at = ends
+        seat = free_at.index(min(free_at))
+        free_at[seat] = max(free_at[seat], ends)
         reasons.append(f"the visit booked for {_hhmm(visit.start, tz)} started at {_hhmm(began, tz)} "
                        f"({_minutes(began - visit.start)} min after its time) and is expected to run its booked "
                        f"{_minutes(visit.end - visit.start)} min, to {_hhmm(ends, tz)}")
@@ -390,23 +394,23 @@ def estimate_day(session: Session, provider_id: int, tz: str, now: datetime, *, 
         queue.append(appointment)
     if stated_minutes is not None and queue:
         stated_start = queue[0].start + timedelta(minutes=stated_minutes)
-        if stated_start > free_at:
-            free_at = stated_start
+        free_at = [max(free, stated_start) for free in free_at]
         reasons.append(f"staff say the provider is {stated_minutes} min behind: the next patient "
                        f"(booked {_hhmm(queue[0].start, tz)}) is seen at {_hhmm(stated_start, tz)}")
     estimates = []
-    cursor = free_at
     absorbed_at: Optional[datetime] = None
     for appointment in queue:
         duration = appointment.end - appointment.start
-        begins = max(appointment.start, cursor)
+        seat = free_at.index(min(free_at))
+        begins = max(appointment.start, free_at[seat])
         if absorbed_at is None and begins == appointment.start and estimates and estimates[-1].delay > timedelta(0):
             absorbed_at = appointment.start
         estimates.append(Estimate(appointment.id, appointment.patient_id, appointment.status, appointment.start,
                                   duration, begins))
-        cursor = begins + duration
+        free_at[seat] = begins + duration
     reasons.append("later patients are seen in booked order, each for their booked length and never before "
                    "their booked time, so free time in the day absorbs the delay"
+                   + (f"; {seats} patients are seen at once, as the slots seat them" if seats > 1 else "")
                    + (f" (caught up by {_hhmm(absorbed_at, tz)})" if absorbed_at else ""))
     if uncounted:
         reasons.append(f"{len(uncounted)} patient(s) more than {_minutes(grace)} min past their time and not "
@@ -422,18 +426,11 @@ def _floor_five(instant: datetime) -> datetime:
     return instant - timedelta(minutes=instant.minute % 5, seconds=instant.second, microseconds=instant.microsecond)
 
 
-def _opted_out(session: Session, patient_id: int) -> set[str]:
-    """``reminder`` (no appointment messages at all) and channel names the patient opted out of."""
-    flags = session.scalars(select(PatientFlag.flag).where(PatientFlag.patient_id == patient_id,
-                                                          PatientFlag.flag.like("opt_out:%")))
-    return {flag.split(":", 1)[1] for flag in flags}
-
-
 def _channel_for(session: Session, context, settings: Settings, patient: Optional[Patient]) -> tuple[str, str]:
     """(channel, "") or ("", why no message can be sent)."""
     if patient is None:
         return "", "the appointment has no patient"
-    opted_out = _opted_out(session, patient.id)
+    opted_out = opt_outs(session, patient.id)
     if "reminder" in opted_out:
         return "", "the patient opted out of appointment messages"
     available = [c for c in settings.channels if c in context.channels and c not in opted_out]

@@ -409,3 +409,22 @@ def test_the_flow_report_counts_clinic_local_days_across_clock_changes(clinic, s
     render_png([spring_report, fall_report], str(chart))
     from matplotlib.image import imread
     assert imread(str(chart)).shape[:2] == (1100, 1200)  # two locations' rows at 100 dpi
+
+
+def test_a_provider_whose_slots_seat_two_is_estimated_with_two_seats(clinic, slotengine_clock, slotengine_context):
+    """DRJONES's 30-minute slots seat two patients: a late start delays half as many."""
+    sch = clinic.scheduler
+    patients = {n: clinic.patient(n) for n in ("J0", "J1", "J2", "J3")}
+    times = {"J0": "09:00", "J1": "09:00", "J2": "09:30", "J3": "09:30"}
+    booked = {n: book_at(clinic, patients[n], "DRJONES", TUESDAY, t) for n, t in times.items()}
+    slotengine_clock.set(at(TUESDAY, "09:05"))
+    sch.arrive(booked["J1"].id, STAFF)
+    slotengine_clock.set(at(TUESDAY, "09:25"))
+    sch.check_in(booked["J0"].id, Actor("operator", "drjones", "pytest"))  # 25 min late, runs to 09:55
+    with sch.sessions() as session:
+        delay = session.scalars(select(FlowDelay)).one()
+        estimates = {e["appointment_id"]: e for e in delay.estimates}
+    # J1 takes the other seat at once; the 09:30 pair share 09:55 (after J0) and 09:55 (after J1)
+    assert {n: estimates[booked[n].id]["estimated_local"] for n in ("J1", "J2", "J3")} == {
+        "J1": "09:25", "J2": "09:55", "J3": "09:55"}
+    assert "2 patients are seen at once" in delay.explanation
