@@ -40,11 +40,11 @@ def small_filesystem(tmp_path):
 
 def fill(directory: Path) -> Path:
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    # unbuffered: a buffered file would raise ENOSPC again when closing, for the bytes it still holds
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+                f.write(b"\0" * 4096)
         except OSError:
             pass
     return filler
