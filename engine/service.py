@@ -957,9 +957,12 @@ class Scheduler:
     def undo_completion(self, appointment_id: int, actor: Actor, reason: str = "") -> Appointment:
         return self._transition(appointment_id, Status.CHECKED_IN, actor, reason, "completion_reversed")
 
-    def reschedule(self, appointment_id: int, request: BookingRequest, actor: Actor, reason: str = "") -> Appointment:
+    def reschedule(self, appointment_id: int, request: BookingRequest, actor: Actor, reason: str = "", *,
+                   requester: Optional[dict[str, Any]] = None) -> Appointment:
         """Move a booked appointment to another slot/time in one transaction: the
-        old time is only given up if the new one can be taken."""
+        old time is only given up if the new one can be taken.  ``requester``:
+        what the caller wants other plugins to know, in the change's detail
+        (``{"patient_told": True}``: the caller tells the patient itself)."""
         now = self.clock.now()
         with self.unit_of_work() as (session, work):
             appointment = self._appointment(session, appointment_id)
@@ -988,7 +991,8 @@ class Scheduler:
             claimed = set(self._slot_ids(session, appointment.id))
             change = Change("rescheduled", appointment.id, current, target.value, actor, reason,
                             slot_ids=tuple(s for s in freed if s not in claimed),
-                            detail={"previous_start": before["start"], **({"overbook": overbooks} if overbooks else {})})
+                            detail={"previous_start": before["start"], **({"overbook": overbooks} if overbooks else {}),
+                                    **({"requester": requester} if requester else {})})
             self._record(session, work, change, before=before, after=_with_overbook(_snapshot(appointment), overbooks))
         return appointment
 
@@ -1076,7 +1080,7 @@ class Scheduler:
             owner = self.plugins.schedule_owner(session, appointment.provider_id, appointment.location_id)
             if owner is None:
                 view = self.within(session)
-                moved = view.reschedule(appointment_id, request, actor, reason)
+                moved = view.reschedule(appointment_id, request, actor, reason, requester=detail)
                 work.changes.extend(view._deferred)
                 return ChangeOutcome("applied", moved.id, moved.status)
             if Status(appointment.status) not in (Status.BOOKED, Status.OVERBOOKED):

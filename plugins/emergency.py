@@ -657,8 +657,9 @@ def _apply(context, session: Session, view: Scheduler, row: EmergencyRequest, pr
             request = None if move.action == "cancel" else BookingRequest(
                 patient_id=move.patient_id, appointment_type="", slot_id=move.to_slot_id,
                 duration_minutes=int((appointment.end - appointment.start).total_seconds() // 60))
+            # our own message tells them why, the new time and other times: no second "moved" message
             outcome = _change(view, mover, reason, appointment_id=move.appointment_id, request=request,
-                              detail={"emergency_move": move.id})
+                              detail={"emergency_move": move.id, "patient_told": True})
             move.status = "applied" if outcome.applied else "requested"
             move.applied_at = now
             waiting = waiting or not outcome.applied

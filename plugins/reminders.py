@@ -326,6 +326,8 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
     if change.to_state in BOOKED and kind in ("booked", "reinstated", "no_show_reversed", "rescheduled"):
         appointment = session.get(Appointment, change.appointment_id)
         template = {"booked": "confirmation", "reinstated": "confirmation", "rescheduled": "moved"}.get(kind)
+        if change.detail.get("requester", {}).get("patient_told"):
+            template = None  # whoever moved it told the patient already (an emergency move)
         plan_reminders(session, appointment, context, confirmation=template)
     elif kind == "completed":
         plan_follow_up(session, session.get(Appointment, change.appointment_id), context)

@@ -59,6 +59,18 @@ def test_reschedule_replans_and_cancel_withdraws(clinic):
     assert {i.status for i in outbox(clinic.scheduler, appointment.id)} == {"withdrawn"}
 
 
+def test_a_move_whose_requester_told_the_patient_gets_reminders_but_no_moved_message(clinic):
+    patient = clinic.patient("R3", email="r3@example.org")
+    appointment = clinic.book(patient, after=utc(2026, 3, 6, 14))
+    later = clinic.slots("DRSMITH", after=utc(2026, 3, 10, 14))[0]
+    clinic.scheduler.request_reschedule(appointment.id, BookingRequest(
+        patient_id=patient.id, appointment_type="new_patient", slot_id=later.id), STAFF, "emergency",
+        detail={"emergency_move": 1, "patient_told": True})
+    pending = [i for i in outbox(clinic.scheduler, appointment.id) if i.status == "pending"]
+    assert pending and all(i.kind == "reminder" for i in pending)
+    assert all(i.payload["start"] == later.start.isoformat() for i in pending)
+
+
 def test_reminders_arrive_by_email_and_signed_sms_with_minimum_content(clinic, slotengine_clock, slotengine_jobs,
                                                                         smtp_sink, webhook_sink):
     emailed = clinic.patient("R3", email="r3@example.org", language="es")
