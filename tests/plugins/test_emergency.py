@@ -569,8 +569,9 @@ def test_in_mirror_mode_moves_are_asked_of_the_ehr_and_the_urgent_visit_follows_
     assert day.appointment("09:30").start == local(9, 30)  # nothing moves until the EHR says so
     with day.scheduler.sessions() as session:
         [asked] = session.scalars(select(ChangeRequest)).all()
+    move_id = moves_of(day.scheduler, outcome["request_id"])[0].id
     assert (asked.kind, asked.requested_start, asked.detail) == \
-        ("reschedule", local(11, 30), {"emergency_move": moves_of(day.scheduler, outcome["request_id"])[0].id})
+        ("reschedule", local(11, 30), {"emergency_move": move_id, "patient_told": True})
     as_ehr(day.scheduler, day.appointment("09:30"), local(11, 30), "EHR1")  # the EHR's SIU S13
     [move] = moves_of(day.scheduler, outcome["request_id"])
     assert move.status == "applied"
