@@ -206,20 +206,6 @@ class Clinic:
 
 
 @pytest.fixture
-def smtp_sink():
-    from aiosmtpd.controller import Controller
-
-    sink = SmtpSink()
-    sink.port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
-    controller.start()
-    try:
-        yield sink
-    finally:
-        controller.stop()
-
-
-@pytest.fixture
 def clinic(slotengine_database_url):
     """On a SQLite file, or a fresh PostgreSQL schema with ``--slotengine-db=postgresql``."""
     prepared = Clinic(slotengine_database_url)

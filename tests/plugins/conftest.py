@@ -1,24 +1,11 @@
-"""Fixtures with real parts: an SMTP server on loopback, an HTTP webhook receiver,
+"""Fixtures with real parts: an HTTP webhook receiver (the SMTP sink is in tests/conftest.py),
 and the built-in plugins configured to use them."""
 from __future__ import annotations
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from engine.plugin_host import PluginHost
-from tests.plugins.helpers import REPLY_SECRET, WEBHOOK_SECRET, Clinic, SmtpSink, WebhookSink, free_port
-
-
-@pytest.fixture
-def smtp_sink():
-    sink = SmtpSink()
-    sink.port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
-    controller.start()
-    try:
-        yield sink
-    finally:
-        controller.stop()
+from tests.plugins.helpers import REPLY_SECRET, WEBHOOK_SECRET, Clinic, WebhookSink
 
 
 @pytest.fixture
