@@ -40,7 +40,7 @@ from hl7.logs import configure_logging, set_level
 from hl7.mirror import MirrorRequests, request_owners
 from hl7.outbound import OutboundDispatcher, OutboundSettings, OutboundSIU
 from hl7.processor import FeedPolicy, Processor
-from hl7.store import RECEIVED, GroupCommitter, MessageStore
+from hl7.store import RECEIVED, GroupCommitter, Inbox, MessageStore
 
 log = logging.getLogger("slotengine.daemon")
 
@@ -148,7 +148,7 @@ class Daemon:
                                    settings=engine_settings(config))
         self.context = make_context(self.scheduler, plugin_settings=config.plugins.settings, metrics=self.metrics)
         self.plugins.notify_in_background()
-        self.store = MessageStore(self.sessions, self.metrics)
+        self.store = MessageStore(self.sessions, self.metrics, Inbox.for_database(config.database.url))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -219,7 +219,7 @@ class Daemon:
                 depth = session.scalar(select(func.count()).select_from(InboundMessage)
                                        .where(InboundMessage.status == RECEIVED))
             detail["database"] = "ok"
-            detail["queue_depth"] = depth
+            detail["queue_depth"] = depth + self.store.inbox_depth()
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             detail["database"] = f"unavailable: {type(exc).__name__}"
         storage_ok = self.store.last_failure is None or self.store.probe()
@@ -295,6 +295,8 @@ class Daemon:
         await self.dispatcher_task
         await loop.run_in_executor(None, self.plugins.stop_notifications, 1.0)
         await self.committer.stop()
+        if self.store.inbox is not None:
+            self.store.inbox.close()
         self.engine.dispose()
         log.info("stopped")
 

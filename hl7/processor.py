@@ -31,9 +31,11 @@ from hl7.store import APPLIED, PARKED, RECEIVED, MessageStore
 
 log = logging.getLogger("slotengine.processor")
 
-#: A batch commits after this long even if more messages wait: the single
-#: SQLite writer is shared with the receiving side.
-BATCH_SECONDS = 0.05
+#: A batch commits after this long even if more messages wait, so that
+#: "applied" acknowledgements and plugins' notices never wait long.
+BATCH_SECONDS = 0.1
+#: The queue-depth gauge counts rows; once a second is often enough.
+DEPTH_EVERY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Processor:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.last_error: Optional[str] = None
+        self._depth_counted_at = 0.0
 
     # --- the worker thread -------------------------------------------------------
 
@@ -81,11 +84,23 @@ class Processor:
         self._thread.start()
 
     def stop(self, timeout: float) -> None:
-        """Finish the batch in flight (never half-applied), then stop."""
+        """Finish the batch in flight (never half-applied), then stop; what the
+        inbox still holds moves into the database, to be applied at the next start."""
         self._stop.set()
         self.store.new_messages.set()
         if self._thread:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return
+        try:
+            while True:
+                with self.scheduler.sessions() as session, session.begin():
+                    moved_through = self.store.move_received(session, 1000)
+                self.store.forget_moved(moved_through)
+                if moved_through is None:
+                    break
+        except Exception as exc:  # noqa: BLE001 - still in the inbox: moved at the next start
+            log.error("inbox not emptied at shutdown", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
 
     def _run(self) -> None:
         backoff = 0.05
@@ -107,18 +122,16 @@ class Processor:
     # --- one batch ---------------------------------------------------------------
 
     def apply_pending(self) -> int:
+        """Apply one batch; returns how many stored messages it handled (0: none waited)."""
         outcomes: list[Outcome] = []
         views: list[Scheduler] = []
-        deadline = time.monotonic() + 0.2
-        while self.store.store_waiting and time.monotonic() < deadline:
-            time.sleep(0.0005)  # let the waiting receipt commit first: ACK latency comes first
         with self.scheduler.sessions() as session, session.begin():
+            moved_through = self.store.move_received(session, self.batch_size)
             pending = self._claim(session)
             batch_started = time.monotonic()
             for index, row in enumerate(pending):
-                if index and (self.store.store_waiting or time.monotonic() - batch_started > BATCH_SECONDS):
-                    pending = pending[:index]  # the rest stay "received" for the next batch
-                    break
+                if index and time.monotonic() - batch_started > BATCH_SECONDS:
+                    break  # the rest stay "received" for the next batch
                 started = time.perf_counter()
                 view = self.scheduler.within(session)
                 outcome = self._apply_one(session, view, row)
@@ -126,9 +139,10 @@ class Processor:
                     views.append(view)
                 outcomes.append(outcome)
                 self.metrics.apply_seconds.labels(row.feed).observe(time.perf_counter() - started)
-            depth = session.scalar(select(func.count()).select_from(InboundMessage)
-                                   .where(InboundMessage.status == RECEIVED)) if pending else 0
-        self.metrics.queue_depth.set(max(0, (depth or 0) - len(pending)))
+            depth = self._received(session)
+        self.store.forget_moved(moved_through)
+        if depth is not None:
+            self.metrics.queue_depth.set(depth + self.store.inbox_depth())
         for view in views:
             view.notify_committed()
         for outcome in outcomes:
@@ -136,7 +150,15 @@ class Processor:
                 .labels(outcome.feed).inc()
         if outcomes:
             self.on_outcomes(outcomes)
-        return len(outcomes)
+        return len(outcomes) or int(moved_through is not None)
+
+    def _received(self, session: Session) -> Optional[int]:
+        now = time.monotonic()
+        if now - self._depth_counted_at < DEPTH_EVERY_SECONDS:
+            return None
+        self._depth_counted_at = now
+        return session.scalar(select(func.count()).select_from(InboundMessage)
+                              .where(InboundMessage.status == RECEIVED))
 
     def _claim(self, session: Session) -> list[InboundMessage]:
         rows = list(session.scalars(

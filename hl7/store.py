@@ -9,22 +9,37 @@ and its sender a negative answer.
 
 (MSH-3, MSH-4, MSH-10) is unique: a resend gets the acknowledgement stored
 with the original and is not stored or applied again.
+
+On SQLite, receipts are committed to an ``Inbox``: a file of its own beside
+the database (``<database>-inbox``).  SQLite has a single writer per file, and
+the writer applying messages holds the database's for whole batches; with
+receipts in the database, every acknowledgement would wait for the batch in
+flight.  The processor moves inbox rows into ``inbound_messages`` inside its
+apply transaction and deletes them from the inbox only after that commit, so
+a crash between the two leaves a row in both, which the next move skips.
+PostgreSQL locks rows, not the database, and stores receipts directly.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import os
+import sqlite3
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Optional
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
 
 from sqlalchemy import select, tuple_
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from engine.metrics import Metrics
 from engine.models import InboundMessage
@@ -80,31 +95,196 @@ class StorageUnavailable(Exception):
     """The message could not be committed; the sender must get no positive ACK."""
 
 
+_INBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY,
+    feed TEXT NOT NULL, sender TEXT NOT NULL, control_id TEXT NOT NULL, message_type TEXT NOT NULL,
+    peer TEXT NOT NULL, received_at TEXT NOT NULL, raw BLOB NOT NULL, content_hash TEXT NOT NULL,
+    status TEXT NOT NULL, ack BLOB, application_ack BLOB,
+    UNIQUE (sender, control_id)
+);
+CREATE TABLE IF NOT EXISTS inbox_sequence (last_id INTEGER NOT NULL);
+"""
+_INBOX_COLUMNS = ("id", "feed", "sender", "control_id", "message_type", "peer", "received_at", "raw",
+                  "content_hash", "status", "ack", "application_ack")
+#: SQLite's limit on bound parameters is 32,766 (3.32+); two per key stays far below it.
+_KEYS_PER_QUERY = 500
+
+
+def inbox_path(database: Path) -> Path:
+    return database.with_name(database.name + "-inbox")
+
+
+class Inbox:
+    """Receipts of a SQLite schedule, in a file of their own (see the module doc).
+
+    One connection to the inbox, used under a lock by the committer (insert) and
+    the processor (move, delete); one read-only connection to the schedule's
+    database, for resends of messages already moved there.  Ids come from
+    ``inbox_sequence``, started above every id the database holds, so a message
+    keeps its id when it moves.
+    """
+
+    def __init__(self, database: Path):
+        self.path = inbox_path(database)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))  # patient data
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000"):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._db.executescript(_INBOX_SCHEMA)
+        self._schedule = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
+        self._schedule.execute("PRAGMA query_only=1")
+        with self._writing() as db:
+            stored = db.execute("SELECT max(id) FROM inbox").fetchone()[0] or 0
+            counter = db.execute("SELECT last_id FROM inbox_sequence").fetchone()
+            moved = self._schedule.execute("SELECT max(id) FROM inbound_messages").fetchone()[0] or 0
+            last = max(stored, moved, counter[0] if counter else 0)
+            if counter is None:
+                db.execute("INSERT INTO inbox_sequence (last_id) VALUES (?)", (last,))
+            else:
+                db.execute("UPDATE inbox_sequence SET last_id = ?", (last,))
+
+    @classmethod
+    def for_database(cls, url: str) -> Optional["Inbox"]:
+        """The inbox of a SQLite database file; None for PostgreSQL (and in-memory SQLite)."""
+        parsed = make_url(url)
+        database = parsed.database or ""
+        if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+            return None
+        return cls(Path(database))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self._schedule.close()
+
+    class _Transaction:
+        def __init__(self, inbox: "Inbox"):
+            self.inbox = inbox
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.inbox._lock.acquire()
+            try:
+                self.inbox._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.inbox._lock.release()
+                raise
+            return self.inbox._db
+
+        def __exit__(self, kind, _value, _traceback) -> None:
+            try:
+                self.inbox._db.execute("COMMIT" if kind is None else "ROLLBACK")
+            finally:
+                self.inbox._lock.release()
+
+    def _writing(self) -> "Inbox._Transaction":
+        return Inbox._Transaction(self)
+
+    def _schedule_rows(self, sql: str, params: tuple) -> list[tuple]:
+        with self._lock:
+            return self._schedule.execute(sql, params).fetchall()
+
+    def store(self, items: list[Incoming]) -> list[Stored]:
+        results: list[Stored] = []
+        with self._writing() as db:
+            keys = list(dict.fromkeys((i.sender, i.control_id) for i in items))
+            known = _rows_by_key(db, "inbox", keys)
+            elsewhere = [k for k in keys if k not in known]
+            if elsewhere:  # moved to the database already: its row answers the resend
+                known.update(_rows_by_key(self._schedule, "inbound_messages", elsewhere))
+            last = db.execute("SELECT last_id FROM inbox_sequence").fetchone()[0]
+            fresh: dict[tuple[str, str], tuple[int, Incoming]] = {}
+            rows = []
+            for item in items:
+                key = (item.sender, item.control_id)
+                if key in known:
+                    message_id, status, ack, digest = known[key]
+                    reused = bool(digest) and digest != item.content_hash
+                    results.append(Stored(message_id, True, status, ack, reused_control_id=reused))
+                elif key in fresh:  # the same message twice in one batch
+                    message_id, first = fresh[key]
+                    results.append(Stored(message_id, True, first.status, first.ack,
+                                          reused_control_id=first.content_hash != item.content_hash))
+                else:
+                    last += 1
+                    fresh[key] = (last, item)
+                    rows.append((last, item.feed, item.sender, item.control_id, item.message_type, item.peer,
+                                 _utc_text(item.received_at), item.raw, item.content_hash, item.status, item.ack,
+                                 item.application_ack))
+                    results.append(Stored(last, False, item.status, item.ack))
+            if rows:
+                db.executemany(f"INSERT INTO inbox ({', '.join(_INBOX_COLUMNS)}) "
+                               f"VALUES ({', '.join('?' * len(_INBOX_COLUMNS))})", rows)
+                db.execute("UPDATE inbox_sequence SET last_id = ?", (last,))
+        return results
+
+    def waiting(self, limit: int) -> list[dict[str, Any]]:
+        """The oldest receipts, as ``inbound_messages`` rows."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox ORDER BY id LIMIT ?",
+                                    (limit,)).fetchall()
+        moved = []
+        for row in rows:
+            values = dict(zip(_INBOX_COLUMNS, row))
+            values["received_at"] = datetime.fromisoformat(values["received_at"])
+            moved.append(values)
+        return moved
+
+    def forget(self, through_id: int) -> None:
+        """Delete what the database now holds: every id up to ``through_id`` was moved in one commit."""
+        with self._writing() as db:
+            db.execute("DELETE FROM inbox WHERE id <= ?", (through_id,))
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM inbox").fetchone()[0]
+
+    def find(self, message_id: int) -> Optional[tuple[str, Optional[bytes]]]:
+        with self._lock:
+            row = self._db.execute("SELECT status, ack FROM inbox WHERE id = ?", (message_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def outcome(self, message_id: int) -> Optional[tuple[str, Optional[bytes], Optional[bytes], str]]:
+        """``MessageStore.outcome`` read from the database without waiting for its writer."""
+        rows = self._schedule_rows("SELECT status, ack, application_ack, error FROM inbound_messages WHERE id = ?",
+                                   (message_id,))
+        return rows[0] if rows else None
+
+
+def _rows_by_key(db: sqlite3.Connection, table: str, keys: list[tuple[str, str]]) -> dict:
+    found = {}
+    for start in range(0, len(keys), _KEYS_PER_QUERY):
+        chunk = keys[start:start + _KEYS_PER_QUERY]
+        values = ", ".join("(?, ?)" for _ in chunk)
+        params = tuple(part for key in chunk for part in key)
+        for message_id, sender, control_id, status, ack, digest in db.execute(
+                f"SELECT id, sender, control_id, status, ack, content_hash FROM {table} "
+                f"WHERE (sender, control_id) IN (VALUES {values})", params):
+            found[(sender, control_id)] = (message_id, status, ack, digest)
+    return found
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat()
+
+
 class MessageStore:
-    def __init__(self, session_factory: sessionmaker, metrics: Metrics):
+    def __init__(self, session_factory: sessionmaker, metrics: Metrics, inbox: Optional[Inbox] = None):
         self.sessions = session_factory
         self.metrics = metrics
+        self.inbox = inbox
         self.last_failure: Optional[str] = None
         self.last_failure_at: Optional[float] = None
         self.new_messages = threading.Event()
-        # Receiving has priority over applying: the processor keeps its
-        # transactions short and steps aside while a store is waiting.
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
-
-    @property
-    def store_waiting(self) -> bool:
-        return self._waiting > 0
 
     def store_batch(self, items: list[Incoming]) -> list[Stored]:
         """Commit a batch in one transaction; duplicates return their original."""
-        with self._waiting_lock:
-            self._waiting += 1
-        try:
-            return self._store_batch(items)
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
+        results = self.inbox.store(items) if self.inbox is not None else self._store_batch(items)
+        self.last_failure = None
+        self.new_messages.set()
+        return results
 
     def _store_batch(self, items: list[Incoming]) -> list[Stored]:
         results: list[Optional[Stored]] = [None] * len(items)
@@ -148,11 +328,36 @@ class MessageStore:
                     first = row.received_at is item.received_at and row.raw is item.raw
                     reused = not first and row.content_hash != item.content_hash
                     results[index] = Stored(row.id, not first, row.status, row.ack, reused_control_id=reused)
-        self.last_failure = None
-        self.new_messages.set()
         return [r for r in results if r is not None]
 
+    def move_received(self, session: Session, limit: int) -> Optional[int]:
+        """Move the oldest inbox rows into ``inbound_messages`` in ``session``'s
+        transaction; returns the last id moved, for ``forget_moved`` after commit."""
+        if self.inbox is None:
+            return None
+        rows = self.inbox.waiting(limit)
+        if not rows:
+            return None
+        # a row moved before a crash, and not yet deleted from the inbox, is already here
+        session.execute(sqlite_insert(InboundMessage.__table__).on_conflict_do_nothing(), rows)
+        return rows[-1]["id"]
+
+    def forget_moved(self, through_id: Optional[int]) -> None:
+        if through_id is not None and self.inbox is not None:
+            self.inbox.forget(through_id)
+
+    def inbox_depth(self) -> int:
+        return self.inbox.depth() if self.inbox is not None else 0
+
     def outcome(self, message_id: int) -> tuple[str, Optional[bytes], Optional[bytes], str]:
+        if self.inbox is not None:
+            # read beside the writer: this runs on the event loop, which must not wait for a batch
+            found = self.inbox.outcome(message_id)
+            if found is not None:
+                return found
+            waiting = self.inbox.find(message_id)
+            if waiting is not None:
+                return waiting[0], waiting[1], None, ""
         with self.sessions() as session:
             row = session.execute(
                 select(InboundMessage.status, InboundMessage.ack, InboundMessage.application_ack, InboundMessage.error)

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +15,37 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def stored_control_ids(database: Path, control_id: Optional[str] = None) -> set[str]:
+    """Control ids of the messages a SQLite daemon has stored: in its inbox (not yet
+    moved) or in the database.  The inbox is read first: a message leaves it only
+    after the database has committed it."""
+    from hl7.store import inbox_path
+
+    found: set[str] = set()
+    where, params = ("where control_id = ?", (control_id,)) if control_id else ("", ())
+    inbox = inbox_path(database)
+    if inbox.exists():
+        with sqlite3.connect(inbox) as connection:
+            found |= {row[0] for row in connection.execute(f"select control_id from inbox {where}", params)}
+    with sqlite3.connect(database) as connection:
+        found |= {row[0] for row in connection.execute(f"select control_id from inbound_messages {where}", params)}
+    return found
+
+
+def waiting_messages(database: Path) -> int:
+    """Stored messages not applied yet: the inbox's and the database's ``received``."""
+    from hl7.store import inbox_path
+
+    inbox = inbox_path(database)
+    waiting = 0
+    if inbox.exists():
+        with sqlite3.connect(inbox) as connection:
+            waiting = connection.execute("select count(*) from inbox").fetchone()[0]
+    with sqlite3.connect(database) as connection:
+        return waiting + connection.execute(
+            "select count(*) from inbound_messages where status = 'received'").fetchone()[0]
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from hl7.client import MLLPClient, check_ack
 from hl7.message import parse, split_messages
-from tests.e2e.daemon import DaemonConfig, DaemonProcess
+from tests.e2e.daemon import DaemonConfig, DaemonProcess, stored_control_ids, waiting_messages
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_stored_before_ack_and_applied_once(daemon, sqlite_path):
         ok, code, _ = check_ack("C1", first)
         assert ok and code == "AA"
         # the ACK left: the message must already be on disk
-        assert db_rows(sqlite_path, "select status from inbound_messages where control_id='C1'")
+        assert stored_control_ids(sqlite_path, "C1") == {"C1"}
         again = client.send(siu("C1", "P1"))
         assert again == first  # a resend gets the original acknowledgement
     finally:
@@ -156,13 +156,13 @@ def test_corpus_every_message_answered(daemon, sqlite_path, corpus_dir):
                 if control_id:
                     assert ack.first("MSA").value(2) == control_id, path.name
                 if code == "AA":
-                    assert db_rows(sqlite_path, "select 1 from inbound_messages where control_id=?", control_id), path.name
+                    assert stored_control_ids(sqlite_path, control_id), path.name
                 else:
                     assert ack.segments_named("ERR"), path.name
     finally:
         client.close()
     assert answered >= 130
-    wait_until(lambda: not db_rows(sqlite_path, "select 1 from inbound_messages where status='received'"), timeout=60)
+    wait_until(lambda: waiting_messages(sqlite_path) == 0, timeout=60)
     parked = db_rows(sqlite_path, "select control_id, error from inbound_messages where status='parked'")
     for _cid, error in parked:
         assert error, "a parked message says why"

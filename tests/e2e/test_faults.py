@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hl7.client import MLLPClient, check_ack
-from tests.e2e.daemon import DaemonConfig, DaemonProcess
+from tests.e2e.daemon import DaemonConfig, DaemonProcess, waiting_messages
 from tests.e2e.test_daemon import siu, wait_until
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_disk_full_no_positive_ack_and_recovery(tmp_path, small_filesystem):
             message = siu(cid, f"PD{n}", mrn=f"MD{n}") + big_note.encode()
             assert check_ack(cid, client.send(message))[1] == "AA"
         client.close()
-        wait_until(lambda: _count(db_path, "select count(*) from inbound_messages where status='received'") == 0,
+        wait_until(lambda: waiting_messages(db_path) == 0,
                    timeout=60)
     finally:
         daemon.stop()

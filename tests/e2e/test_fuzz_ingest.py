@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hl7.client import MLLPClient
 from hl7.message import parse, split_messages
 from tests.conftest import CORPUS
-from tests.e2e.daemon import DaemonConfig, DaemonProcess
+from tests.e2e.daemon import DaemonConfig, DaemonProcess, waiting_messages
 from tests.e2e.test_daemon import wait_until
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,7 @@ def fuzz_daemon(tmp_path_factory):
 
 
 def _pending(db) -> int:
-    with sqlite3.connect(db) as connection:
-        return connection.execute("select count(*) from inbound_messages where status = 'received'").fetchone()[0]
+    return waiting_messages(db)
 
 
 def snapshot(db):

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from hl7.client import MLLPClient, check_ack
-from tests.e2e.daemon import DaemonConfig, DaemonProcess
+from tests.e2e.daemon import DaemonConfig, DaemonProcess, waiting_messages
 
 pytestmark = pytest.mark.slow
 
@@ -108,9 +108,7 @@ def test_kill9_under_load_loses_nothing(tmp_path):
             assert sender.error is None, sender.error
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            with sqlite3.connect(db_path) as db:
-                pending = db.execute("select count(*) from inbound_messages where status='received'").fetchone()[0]
-            if pending == 0:
+            if waiting_messages(db_path) == 0:
                 break
             time.sleep(0.2)
     finally:

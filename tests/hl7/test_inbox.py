@@ -1,0 +1,141 @@
+"""The SQLite inbox: receipts committed beside the database, moved into it by the processor.
+
+Real files: a migrated SQLite database and its ``-inbox`` file.  The point of the
+inbox is that storing a receipt never waits for the writer applying messages,
+so the first test holds the database's write transaction open while storing.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import select, text
+
+from engine.db import make_session_factory
+from engine.metrics import Metrics
+from engine.models import InboundMessage
+from hl7.daemon import prepare_database
+from hl7.store import RECEIVED, SKIPPED, Inbox, Incoming, MessageStore, content_hash, inbox_path
+
+UTC = timezone.utc
+
+
+def incoming(control_id: str, *, sender: str = "EPIC^NORTH", body: str = "A", status: str = RECEIVED) -> Incoming:
+    raw = (f"MSH|^~\\&|EPIC|NORTH|SE|SE|20260302080000||ADT^A08|{control_id}|P|2.5.1\r"
+           f"PID|1||{body}^^^H^MR").encode()
+    return Incoming("ehr", sender, control_id, "ADT^A08", "127.0.0.1", datetime.now(UTC), raw, status,
+                    b"ACK " + control_id.encode(), content_hash(raw))
+
+
+@pytest.fixture
+def database(tmp_path):
+    path = tmp_path / "schedule.db"
+    engine = prepare_database(f"sqlite:///{path}")
+    yield path, engine
+    engine.dispose()
+
+
+def open_store(path, engine) -> MessageStore:
+    return MessageStore(make_session_factory(engine), Metrics(), Inbox(path))
+
+
+def move_all(store: MessageStore, *, forget: bool = True) -> None:
+    with store.sessions() as session, session.begin():
+        through = store.move_received(session, 1000)
+    if forget:
+        store.forget_moved(through)
+
+
+def database_rows(store: MessageStore) -> list[tuple]:
+    with store.sessions() as session:
+        return [tuple(row) for row in session.execute(
+            select(InboundMessage.id, InboundMessage.control_id, InboundMessage.status, InboundMessage.ack)
+            .order_by(InboundMessage.id))]
+
+
+def test_storing_never_waits_for_the_database_writer(database):
+    path, engine = database
+    store = open_store(path, engine)
+    holding, release = threading.Event(), threading.Event()
+
+    def long_apply_batch():
+        with store.sessions() as session, session.begin():
+            session.execute(text("UPDATE job_runs SET runs = runs WHERE 0"))
+            holding.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=long_apply_batch)
+    writer.start()
+    try:
+        assert holding.wait(5)
+        started = time.monotonic()
+        stored = store.store_batch([incoming("C1")])
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        writer.join()
+    assert waited < 5, "the receipt waited for the apply transaction"
+    assert stored[0].duplicate is False
+    with sqlite3.connect(inbox_path(path)) as inbox:
+        assert inbox.execute("select control_id, status from inbox").fetchall() == [("C1", RECEIVED)]
+
+
+def test_a_message_keeps_its_id_and_answer_when_it_moves(database):
+    path, engine = database
+    store = open_store(path, engine)
+    first = store.store_batch([incoming("C1"), incoming("C2", status=SKIPPED)])
+    assert [s.message_id for s in first] == [1, 2]
+    assert store.outcome(1)[:2] == (RECEIVED, b"ACK C1")  # still in the inbox
+    move_all(store)
+    assert database_rows(store) == [(1, "C1", RECEIVED, b"ACK C1"), (2, "C2", SKIPPED, b"ACK C2")]
+    assert store.inbox_depth() == 0
+    # resends: one already moved, one still in the inbox, one twice in a batch
+    third = store.store_batch([incoming("C3")])[0]
+    again = store.store_batch([incoming("C1"), incoming("C3"), incoming("C4"), incoming("C4")])
+    assert [(s.message_id, s.duplicate, s.ack) for s in again] == [
+        (1, True, b"ACK C1"), (third.message_id, True, b"ACK C3"),
+        (third.message_id + 1, False, b"ACK C4"), (third.message_id + 1, True, b"ACK C4")]
+
+
+def test_a_reused_control_id_is_told_apart_from_a_resend(database):
+    path, engine = database
+    store = open_store(path, engine)
+    store.store_batch([incoming("C1", body="A")])
+    assert store.store_batch([incoming("C1", body="B")])[0].reused_control_id  # in the inbox
+    move_all(store)
+    assert store.store_batch([incoming("C1", body="B")])[0].reused_control_id  # in the database
+    assert not store.store_batch([incoming("C1", body="A")])[0].reused_control_id
+
+
+def test_a_crash_between_move_and_forget_loses_and_doubles_nothing(database):
+    path, engine = database
+    store = open_store(path, engine)
+    store.store_batch([incoming(f"C{n}") for n in range(5)])
+    move_all(store, forget=False)  # committed in the database; the process dies before the inbox is told
+    store.inbox.close()
+
+    reopened = open_store(path, engine)  # the restart
+    assert reopened.inbox_depth() == 5
+    later = reopened.store_batch([incoming("C9")])[0]
+    assert later.message_id == 6, "ids continue above everything either file holds"
+    move_all(reopened)
+    rows = database_rows(reopened)
+    assert [r[:2] for r in rows] == [(n + 1, f"C{n}") for n in range(5)] + [(6, "C9")]
+    assert reopened.inbox_depth() == 0
+
+
+def test_ids_start_above_what_the_database_already_holds(database):
+    path, engine = database
+    with make_session_factory(engine)() as session, session.begin():
+        session.add(InboundMessage(id=41, feed="ehr", sender="OLD", control_id="X", received_at=datetime.now(UTC),
+                                   raw=b"MSH", status="applied"))
+    store = open_store(path, engine)
+    assert store.store_batch([incoming("C1")])[0].message_id == 42
+
+
+def test_no_inbox_for_postgresql_or_memory():
+    assert Inbox.for_database("postgresql://postgres@127.0.0.1/test") is None
+    assert Inbox.for_database("sqlite://") is None
