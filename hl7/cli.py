@@ -390,7 +390,10 @@ def cmd_patients_show(args) -> int:
 
 
 def cmd_messages_list(args) -> int:
-    _config, sessions, _scheduler = _open(args)
+    from hl7.store import inbox_rows
+
+    config, sessions, _scheduler = _open(args)
+    since = datetime.fromisoformat(args.since).astimezone(timezone.utc) if args.since else None
     with sessions() as session:
         stmt = select(InboundMessage).order_by(InboundMessage.id.desc())
         if args.status:
@@ -400,26 +403,43 @@ def cmd_messages_list(args) -> int:
         if args.type:
             stmt = stmt.where(or_(InboundMessage.message_type == args.type,
                                   InboundMessage.message_type.startswith(args.type + "^")))
-        if args.since:
-            stmt = stmt.where(InboundMessage.received_at >= datetime.fromisoformat(args.since).astimezone(timezone.utc))
+        if since:
+            stmt = stmt.where(InboundMessage.received_at >= since)
         rows = [{"id": m.id, "feed": m.feed, "sender": m.sender, "control_id": m.control_id, "type": m.message_type,
                  "status": m.status, "received_at": m.received_at.isoformat(), "error": m.error}
                 for m in session.scalars(stmt.limit(args.limit))]
+    listed = {row["id"] for row in rows}
+    # stored but not yet moved into the database (SQLite's inbox): newest of all
+    waiting = [{"id": m["id"], "feed": m["feed"], "sender": m["sender"], "control_id": m["control_id"],
+                "type": m["message_type"], "status": m["status"], "received_at": m["received_at"].isoformat(),
+                "error": ""} for m in inbox_rows(config.database.url)
+               if m["id"] not in listed and (not args.status or m["status"] == args.status)
+               and (not args.sender or m["sender"] == args.sender)
+               and (not args.type or m["message_type"] == args.type or m["message_type"].startswith(args.type + "^"))
+               and (not since or m["received_at"] >= since)]
+    rows = sorted(waiting + rows, key=lambda row: row["id"], reverse=True)[:args.limit]
     _emit(rows, args.json, ["id", "feed", "sender", "control_id", "type", "status", "received_at", "error"])
     return 0
 
 
 def cmd_messages_show(args) -> int:
-    _config, sessions, _scheduler = _open(args)
+    from hl7.store import inbox_rows
+
+    config, sessions, _scheduler = _open(args)
     with sessions() as session:
         m = session.get(InboundMessage, args.id)
-        if m is None:
-            raise CliError(f"no stored message {args.id}")
-        record = {"id": m.id, "feed": m.feed, "sender": m.sender, "control_id": m.control_id,
-                  "type": m.message_type, "peer": m.peer, "status": m.status, "attempts": m.attempts,
-                  "received_at": m.received_at.isoformat(), "error": m.error,
-                  "raw": m.raw.decode("utf-8", "replace").replace("\r", "\n"),
-                  "ack": (m.ack or b"").decode("utf-8", "replace").replace("\r", "\n")}
+        found = None if m is None else {c: getattr(m, c) for c in (
+            "id", "feed", "sender", "control_id", "message_type", "peer", "status", "attempts", "received_at",
+            "error", "raw", "ack")}
+    if found is None:
+        found = next((row for row in inbox_rows(config.database.url) if row["id"] == args.id), None)
+    if found is None:
+        raise CliError(f"no stored message {args.id}")
+    record = {"id": found["id"], "feed": found["feed"], "sender": found["sender"], "control_id": found["control_id"],
+              "type": found["message_type"], "peer": found["peer"], "status": found["status"],
+              "attempts": found["attempts"], "received_at": found["received_at"].isoformat(), "error": found["error"],
+              "raw": found["raw"].decode("utf-8", "replace").replace("\r", "\n"),
+              "ack": (found["ack"] or b"").decode("utf-8", "replace").replace("\r", "\n")}
     if args.json:
         print(json.dumps(record, ensure_ascii=False))
     else:

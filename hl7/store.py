@@ -253,6 +253,26 @@ class Inbox:
         return rows[0] if rows else None
 
 
+def inbox_rows(url: str) -> list[dict[str, Any]]:
+    """What a SQLite database's inbox holds (not yet moved into the database), read
+    without opening it for writing: the CLI lists these while the daemon is down."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return []
+    path = inbox_path(Path(parsed.database))
+    if not path.exists():
+        return []
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        rows = db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox ORDER BY id").fetchall()
+    found = []
+    for row in rows:
+        values = dict(zip(_INBOX_COLUMNS, row))
+        values["received_at"] = datetime.fromisoformat(values["received_at"])
+        values.update(error="", attempts=0)
+        found.append(values)
+    return found
+
+
 def _rows_by_key(db: sqlite3.Connection, table: str, keys: list[tuple[str, str]]) -> dict:
     found = {}
     for start in range(0, len(keys), _KEYS_PER_QUERY):

@@ -139,3 +139,42 @@ def test_stopped_feed_waits_for_the_operator(tmp_path):
             ("operator:bob", "EHR will resend")]
     finally:
         daemon.stop()
+
+
+def test_messages_still_in_the_inbox_are_listed_and_applied_at_the_next_start(tmp_path):
+    """As after a kill -9 between the ACK and the move: the daemon is down, the
+    message is only in the SQLite inbox; operators see it, and the next start applies it."""
+    from datetime import datetime, timezone
+
+    from engine.metrics import Metrics
+    from hl7.daemon import prepare_database
+    from hl7.store import RECEIVED, Inbox, Incoming, MessageStore, content_hash
+    from tests.e2e.daemon import waiting_messages
+
+    db = tmp_path / "inbox.db"
+    config = DaemonConfig(tmp_path, f"sqlite:///{db}")
+    config.write()
+    common = ["--config", str(config.path)]
+    slotengine("messages", "list", *common)  # creates and migrates the database
+    engine = prepare_database(f"sqlite:///{db}")
+    raw = siu("IN1", "PIN1", mrn="INBOX1")
+    store = MessageStore(None, Metrics(), Inbox(db))
+    [stored] = store.store_batch([Incoming("ehr", "EPIC^NORTHCLINIC", "IN1", "SIU^S12", "127.0.0.1",
+                                           datetime.now(timezone.utc), raw, RECEIVED, b"ACK", content_hash(raw))])
+    store.inbox.close()
+    engine.dispose()
+
+    listing = [json.loads(line) for line in
+               slotengine("messages", "list", "--status", "received", "--json", *common).stdout.splitlines()]
+    assert [(m["id"], m["control_id"], m["status"]) for m in listing] == [(stored.message_id, "IN1", "received")]
+    shown = json.loads(slotengine("messages", "show", str(stored.message_id), "--json", *common).stdout)
+    assert shown["raw"].startswith("MSH|") and shown["status"] == "received"
+
+    daemon = DaemonProcess(config).start()
+    try:
+        wait_until(lambda: waiting_messages(db) == 0)
+    finally:
+        daemon.stop()
+    assert db_rows(db, "select id, status from inbound_messages where control_id='IN1'") == [
+        (stored.message_id, "applied")]
+    assert db_rows(db, "select count(*) from appointments where placer_id like 'PIN1%'") == [(1,)]
