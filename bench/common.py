@@ -65,7 +65,7 @@ def source_revision() -> dict:
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], check=False, cwd=REPO, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+                                  timeout=10).stdout.rstrip()  # porcelain lines start with a space
         except (OSError, subprocess.SubprocessError):
             return ""
 

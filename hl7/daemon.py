@@ -10,6 +10,7 @@ level, plugin settings, TLS certificates.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -182,6 +183,10 @@ class Daemon:
         await self.http.start()
         self.jobs = build_job_scheduler(self.context, self.plugins)
         self.jobs.start()
+        # Modules, plugins, hl7apy's tables and the clinic live until exit: out of the
+        # collector's sight, a full collection no longer walks them (about 70 ms with
+        # every thread stopped, an ACK included).
+        gc.freeze()
         log.info("ready", extra={"feeds": [f"{l.feed.name}@{l.feed.listen.host}:{l.bound_port}" for l in self.listeners],
                                  "http": str(http.listen)})
 
