@@ -14,7 +14,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
@@ -34,6 +34,8 @@ log = logging.getLogger("slotengine.processor")
 #: A batch commits after this long even if more messages wait, so that
 #: "applied" acknowledgements and plugins' notices never wait long.
 BATCH_SECONDS = 0.1
+#: Messages loaded at a time within a batch.
+CLAIM_ROWS = 16
 #: The queue-depth gauge counts rows; once a second is often enough.
 DEPTH_EVERY_SECONDS = 1.0
 
@@ -127,16 +129,22 @@ class Processor:
         views: list[Scheduler] = []
         with self.scheduler.sessions() as session, session.begin():
             moved_through = self.store.move_received(session, self.batch_size)
-            pending = self._claim(session)
+            # per sender, for this whole transaction: may its messages be applied here?
+            allowed: dict[str, bool] = {}
             batch_started = time.monotonic()
-            for index, row in enumerate(pending):
-                if index and time.monotonic() - batch_started > BATCH_SECONDS:
+            for row in self._waiting(session, allowed):
+                if outcomes and (len(outcomes) >= self.batch_size
+                                 or time.monotonic() - batch_started > BATCH_SECONDS):
                     break  # the rest stay "received" for the next batch
+                if not allowed[row.sender]:
+                    continue  # held back: another node applies this sender, or its feed stopped at a parked one
                 started = time.perf_counter()
                 view = self.scheduler.within(session)
                 outcome = self._apply_one(session, view, row)
                 if outcome.status == APPLIED:
                     views.append(view)
+                elif outcome.status == PARKED and self.policies.get(row.feed, FeedPolicy()).on_error == "stop":
+                    allowed[row.sender] = False
                 outcomes.append(outcome)
                 self.metrics.apply_seconds.labels(row.feed).observe(time.perf_counter() - started)
             depth = self._received(session)
@@ -160,30 +168,35 @@ class Processor:
         return session.scalar(select(func.count()).select_from(InboundMessage)
                               .where(InboundMessage.status == RECEIVED))
 
-    def _claim(self, session: Session) -> list[InboundMessage]:
+    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[InboundMessage]:
+        after_id = 0
+        while rows := self._claim(session, after_id, allowed):
+            yield from rows
+            after_id = rows[-1].id
+
+    def _claim(self, session: Session, after_id: int, allowed: dict[str, bool]) -> list[InboundMessage]:
+        """The next few waiting messages after ``after_id``; ``allowed`` learns their
+        senders.  A few at a time: a batch ends after ``BATCH_SECONDS``, and rows
+        loaded past that point are waste."""
         rows = list(session.scalars(
-            select(InboundMessage).where(InboundMessage.status == RECEIVED)
-            .order_by(InboundMessage.id).limit(self.batch_size)
+            select(InboundMessage).where(InboundMessage.status == RECEIVED, InboundMessage.id > after_id)
+            .order_by(InboundMessage.id).limit(CLAIM_ROWS)
         ))
         if not rows:
             return []
         postgres = session.get_bind().dialect.name == "postgresql"
-        allowed: dict[str, bool] = {}
-        claimed = []
         for row in rows:
             if row.sender not in allowed:
                 allowed[row.sender] = self._may_apply(session, row, postgres)
-            if allowed[row.sender]:
-                claimed.append(row)
+        claimed = [row for row in rows if allowed[row.sender]]
         if postgres and claimed:
             # Another node may have applied some of them before we held the sender's lock.
-            ids = [r.id for r in claimed]
             fresh = set(session.scalars(select(InboundMessage.id).where(
-                InboundMessage.id.in_(ids), InboundMessage.status == RECEIVED).with_for_update()))
+                InboundMessage.id.in_([r.id for r in claimed]), InboundMessage.status == RECEIVED).with_for_update()))
             for row in claimed:
                 session.refresh(row)
-            claimed = [r for r in claimed if r.id in fresh]
-        return claimed
+            rows = [row for row in rows if not allowed[row.sender] or row.id in fresh]
+        return rows  # with those of senders held back, which the caller passes over
 
     def _may_apply(self, session: Session, row: InboundMessage, postgres: bool) -> bool:
         if postgres:
