@@ -40,7 +40,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
@@ -404,6 +404,21 @@ def claim_due(session: Session, model: type, due_column: Any, batch_size: int, n
     return list(session.scalars(stmt))
 
 
+# Built once, Core where the ORM adds only cost: every booking plans and withdraws tasks
+_TASKS = PluginTask.__table__
+_PLAN_ONCE = {  # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT DO NOTHING
+    name: module.insert(_TASKS).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(_TASKS.c.id)
+    for name, module in (("postgresql", pg_dialect), ("sqlite", sqlite_dialect))
+}
+_WITHDRAW_TASKS = (
+    update(PluginTask)
+    .where(PluginTask.plugin == bindparam("for_plugin"), PluginTask.kind.in_(bindparam("kinds", expanding=True)),
+           PluginTask.appointment_id == bindparam("for_appointment"), PluginTask.status == "pending")
+    .values(status="withdrawn")
+    .execution_options(synchronize_session=False)
+)
+
+
 def plan_task(session: Session, *, plugin: str, kind: str, due_at: datetime, now: datetime,
               appointment_id: Optional[int] = None, payload: Optional[dict[str, Any]] = None,
               dedupe_key: Optional[str] = None) -> bool:
@@ -415,23 +430,14 @@ def plan_task(session: Session, *, plugin: str, kind: str, due_at: datetime, now
     if dedupe_key is None:
         session.add(PluginTask(**values))
         return True
-    module = pg_dialect if session.get_bind().dialect.name == "postgresql" else sqlite_dialect
-    # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT DO NOTHING
-    inserted = session.execute(module.insert(PluginTask).values(**values)
-                               .on_conflict_do_nothing(index_elements=["dedupe_key"])
-                               .returning(PluginTask.id)).first()
+    session.flush()  # what an ORM statement would autoflush: the row may name an appointment not yet written
+    inserted = session.execute(_PLAN_ONCE[session.get_bind().dialect.name], values).first()
     return inserted is not None
 
 
 def withdraw_tasks(session: Session, *, plugin: str, kinds: Iterable[str], appointment_id: int) -> int:
-    result = session.execute(
-        update(PluginTask)
-        .where(PluginTask.plugin == plugin, PluginTask.kind.in_(list(kinds)),
-               PluginTask.appointment_id == appointment_id, PluginTask.status == "pending")
-        .values(status="withdrawn")
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount
+    return session.execute(_WITHDRAW_TASKS, {"for_plugin": plugin, "kinds": list(kinds),
+                                             "for_appointment": appointment_id}).rowcount
 
 
 def sweep_tasks(context: JobContext, *, plugin: str, kinds: Sequence[str],

@@ -8,15 +8,21 @@ date and time and how to answer, no more.
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Any, Iterable, Optional
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, event, inspect, select
+from sqlalchemy.orm import Session
 
 from engine.calendar import zone
 from engine.models import Appointment, Location, Patient, PatientFlag, PatientIdentifier
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+_KEPT = "slotengine.messaging.kept"
+# the patient's first MR number, in identifier order (as the loaded relationship lists them)
+_FIRST_MRN = (select(PatientIdentifier.value)
+              .where(PatientIdentifier.patient_id == bindparam("patient_id"), PatientIdentifier.type_code == "MR")
+              .order_by(PatientIdentifier.id).limit(1))
+_OPT_OUTS = select(PatientFlag.flag).where(PatientFlag.patient_id == bindparam("patient_id"),
+                                           PatientFlag.flag.like("opt_out:%"))
 
 #: Channels that reach a patient, and the patient field each needs.
 PATIENT_CHANNELS = ("email", "sms", "voice")
@@ -68,8 +74,7 @@ def choose_channel(patient, available: Iterable[str], fallback_order: Iterable[s
 def opt_outs(session, patient_id: int) -> set[str]:
     """What the patient declined (their ``opt_out:*`` flags, from PD1-11 or a reply):
     a purpose (``reminder``, ``recall``) or a channel (``voice``, ``sms``, ``email``)."""
-    return {flag.removeprefix("opt_out:") for flag in session.scalars(
-        select(PatientFlag.flag).where(PatientFlag.patient_id == patient_id, PatientFlag.flag.like("opt_out:%")))}
+    return {flag.removeprefix("opt_out:") for flag in session.scalars(_OPT_OUTS, {"patient_id": patient_id})}
 
 
 def language_of(patient, known: Iterable[str]) -> str:
@@ -123,16 +128,46 @@ def outside_quiet_hours(due: datetime, tz: str, quiet_start: time, quiet_end: ti
     return None
 
 
+def kept(session: Session, model: type, ident: int) -> Any:
+    """``session.get(model, ident)`` for the few reference rows (locations, providers) that
+    change after change names again: held until the transaction ends, so loaded once in it
+    (the session's identity map alone holds rows weakly)."""
+    held = session.info.setdefault(_KEPT, {})
+    row = held.get((model, ident))
+    if row is None:
+        row = session.get(model, ident)
+        if row is not None:
+            held[(model, ident)] = row
+    return row
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_kept_at_end(session: Session, transaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_KEPT, None)
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_kept_on_rollback(session: Session, _transaction) -> None:
+    """A rolled-back savepoint may have taken a row held here (one it created)."""
+    session.info.pop(_KEPT, None)
+
+
+def _mrn(session: Session, patient: Patient) -> str:
+    if "identifiers" not in inspect(patient).unloaded:  # the relationship is at hand: no query
+        return next((i.value for i in patient.identifiers if i.type_code == "MR"), "")
+    return session.scalar(_FIRST_MRN, {"patient_id": patient.id}) or ""
+
+
 def describe_for_staff(session: Session, appointment: Appointment) -> str:
     """``appointment 12 for Doe, Jane (MR 123) on Tue 3 Mar 09:00 at Main Street Clinic`` (staff only)."""
-    location = session.get(Location, appointment.location_id) if appointment.location_id else None
+    location = kept(session, Location, appointment.location_id) if appointment.location_id else None
     tz = location.timezone if location else "UTC"
     local = appointment.start.astimezone(zone(tz))
     who = ""
     if appointment.patient_id:
         patient = session.get(Patient, appointment.patient_id)
-        mrn = session.scalar(select(PatientIdentifier.value).where(
-            PatientIdentifier.patient_id == patient.id, PatientIdentifier.type_code == "MR").limit(1)) or ""
+        mrn = _mrn(session, patient)
         who = f" for {patient.family_name}, {patient.given_name}" + (f" (MR {mrn})" if mrn else "")
     where = f" at {location.name}" if location else ""
     return f"appointment {appointment.id}{who} on {local:%a %d %b %Y %H:%M %Z}{where}"

@@ -15,12 +15,13 @@ from __future__ import annotations
 import bisect
 import logging
 import uuid
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, Iterator, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, delete, exists, func, insert, inspect, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, exists, insert, inspect, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import make_transient_to_detached
@@ -106,10 +107,36 @@ _CLAIM_WHOLE_SLOT = (
 _LINK_SLOT = insert(_APPOINTMENT_SLOTS)
 _AUDIT = insert(AuditEntry.__table__)
 _PATIENT_MERGED_INTO = select(Patient.__table__.c.merged_into_id).where(Patient.__table__.c.id == bindparam("patient_id"))
-_APPOINTMENT_COLUMNS = frozenset(c.key for c in Appointment.__table__.columns if c.key != "id")
-_INSERT_APPOINTMENT = insert(Appointment.__table__).returning(*Appointment.__table__.columns)
+#: Rows written by ``_insert_row``: each model's INSERT … RETURNING every column
+_INSERT_RETURNING = {model: insert(model.__table__).returning(*model.__table__.columns)
+                     for model in (Appointment, AppointmentResource, Patient, PatientIdentifier)}
 _SET_FILLER_ID = (update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
                   .values(filler_id=bindparam("new_filler_id")))
+# with the owner's merged_into_id: an unmerged owner (nearly all) needs no load of its own
+_IDENTIFIER_OWNERS = (
+    select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value,
+           PatientIdentifier.patient_id, Patient.merged_into_id)
+    .join(Patient, Patient.id == PatientIdentifier.patient_id)
+    .where(tuple_(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value)
+           .in_(bindparam("keys", expanding=True)))
+)
+_NOT_LOOKED_UP = object()
+#: (by placer id?, by filler id?) → the appointment either names, the oldest first
+_BY_EXTERNAL_IDS = {
+    (by_placer, by_filler): select(Appointment).where(or_(
+        *([Appointment.filler_id == bindparam("filler_id")] if by_filler else []),
+        *([Appointment.placer_id == bindparam("placer_id")] if by_placer else []))).order_by(Appointment.id)
+    for by_placer, by_filler in ((True, False), (False, True), (True, True))
+}
+_COVERAGE_OF = select(Coverage).where(Coverage.patient_id == bindparam("patient_id"),
+                                      Coverage.payer_id == bindparam("payer_id"),
+                                      Coverage.member_id == bindparam("member_id"))
+_SLOT_IDS = select(AppointmentSlot.slot_id).where(AppointmentSlot.appointment_id == bindparam("appointment_id"))
+_RELEASE_RESERVATIONS = delete(Reservation).where(Reservation.appointment_id == bindparam("for_appointment"))
+_PROVIDER_SLOTS = select(Slot.id).where(Slot.provider_id == bindparam("provider_id"), Slot.start < bindparam("end"),
+                                        Slot.end > bindparam("start"))
+_HOLDS_TIME = select(Reservation.appointment_id).where(Reservation.appointment_id == bindparam("appointment_id")).limit(1)
+_APPOINTMENT_FOR_UPDATE = select(Appointment).where(Appointment.id == bindparam("appointment_id")).with_for_update()
 _PROVIDER_BLOCK = (select(_BLOCKS.c.provider_id, _BLOCKS.c.resource_id, _BLOCKS.c.start, _BLOCKS.c.end)
                    .where(_BLOCKS.c.active.is_(True), _BLOCKS.c.provider_id == bindparam("provider_id"),
                           _BLOCKS.c.start < bindparam("end"), _BLOCKS.c.end > bindparam("start"))
@@ -146,6 +173,25 @@ def slot_accepts(slot: Slot, appointment_type: str, urgency: str, now: datetime,
 
 
 _ALLOW = Decision("allow")
+
+
+def _insert_row(session: Session, row_object: Any) -> None:
+    """Write a new (transient or pending) object with one Core INSERT … RETURNING and keep
+    it as a clean persistent instance: the ORM flush of one row costs several times the
+    statement itself, and every booking and new patient pays it.  The values are those the
+    flush would send: a None is left to the column's default unless the type stores it."""
+    state = inspect(row_object)
+    columns = state.mapper.local_table.columns
+    values = {key: value for key, value in state.dict.items()
+              if key in columns and (value is not None or columns[key].type.should_evaluate_none)}
+    row = session.connection().execute(_INSERT_RETURNING[state.class_], values).one()
+    if state.pending:
+        session.expunge(row_object)
+    # every column as stored, defaults included; then it is the loaded, clean row of a
+    # persistent object, exactly as if the session had flushed it (what the ORM loader does)
+    state.dict.update(row._mapping)
+    make_transient_to_detached(row_object)
+    session.add(row_object)
 
 
 def _subject(kind: str, ident: int) -> str:
@@ -198,6 +244,7 @@ class Scheduler:
         self.settings = settings
         self._bound: Optional[Session] = None
         self._deferred: list[Change] = []
+        self._savepoints = True
 
     # --- the unit of work ----------------------------------------------------
 
@@ -216,6 +263,17 @@ class Scheduler:
         view.sessions = lambda: nullcontext(session)
         return view
 
+    def all_or_nothing(self) -> "Scheduler":
+        """This bound view, its calls without a savepoint each (no SAVEPOINT and RELEASE
+        per call): for a caller that rolls back all of them when one fails, as the
+        commands of one HL7 message are.  An unbound scheduler is returned as it is."""
+        if self._bound is None:
+            return self
+        view = Scheduler.__new__(Scheduler)
+        view.__dict__.update(self.__dict__)  # the same session and list of changes to announce
+        view._savepoints = False
+        return view
+
     def notify_committed(self) -> None:
         changes, self._deferred = self._deferred, []
         for change in changes:
@@ -226,7 +284,7 @@ class Scheduler:
         """One session, one transaction; plugins hear of changes after commit."""
         work = _Work()
         if self._bound is not None:
-            with self._bound.begin_nested():
+            with self._bound.begin_nested() if self._savepoints else nullcontext():
                 yield self._bound, work
             self._deferred.extend(work.changes)
             return
@@ -258,10 +316,12 @@ class Scheduler:
     # --- lookups ---------------------------------------------------------------
 
     def _appointment(self, session: Session, appointment_id: int, *, lock: bool = True) -> Appointment:
-        stmt = select(Appointment).where(Appointment.id == appointment_id)
-        if lock:
-            stmt = stmt.with_for_update()
-        appointment = session.scalars(stmt).one_or_none()
+        if lock and session.get_bind().dialect.name == "postgresql":
+            appointment = session.scalars(_APPOINTMENT_FOR_UPDATE, {"appointment_id": appointment_id}).one_or_none()
+        else:
+            # SQLite's BEGIN IMMEDIATE already holds the write lock, so FOR UPDATE would add nothing;
+            # an appointment this transaction has loaded comes from the identity map, without a SELECT
+            appointment = session.get(Appointment, appointment_id)
         if appointment is None:
             raise NotFound("appointment", appointment_id)
         return appointment
@@ -275,14 +335,10 @@ class Scheduler:
     def _find_appointment(session, placer_id, filler_id, appointment_id=None) -> Optional[Appointment]:
         if appointment_id is not None:
             return session.get(Appointment, appointment_id)
-        clauses = []
-        if filler_id:
-            clauses.append(Appointment.filler_id == filler_id)
-        if placer_id:
-            clauses.append(Appointment.placer_id == placer_id)
-        if not clauses:
+        if not (placer_id or filler_id):
             return None
-        return session.scalars(select(Appointment).where(or_(*clauses)).order_by(Appointment.id)).first()
+        return session.scalars(_BY_EXTERNAL_IDS[bool(placer_id), bool(filler_id)],
+                               {"placer_id": placer_id, "filler_id": filler_id}).first()
 
     def appointment(self, appointment_id: int) -> Appointment:
         with self.sessions() as session:
@@ -580,7 +636,7 @@ class Scheduler:
         return self.plugins.check_booking(session, appointment, patient, action)
 
     def _slot_ids(self, session: Session, appointment_id: int) -> list[int]:
-        return list(session.scalars(select(AppointmentSlot.slot_id).where(AppointmentSlot.appointment_id == appointment_id)))
+        return list(session.scalars(_SLOT_IDS, {"appointment_id": appointment_id}))
 
     def _occupy(self, session: Session, appointment: Appointment, request: BookingRequest, now: datetime,
                 claimed_slot_ids: Optional[list[int]] = None,
@@ -661,7 +717,7 @@ class Scheduler:
             if missing:
                 raise NotFound("resource", missing[0])
         if appointment.id is None:
-            self._insert_appointment(session, appointment)  # the row slot links and reservations point at
+            _insert_row(session, appointment)  # the row slot links and reservations point at
         if slot_ids:
             connection.execute(_LINK_SLOT, [{"appointment_id": appointment.id, "slot_id": s} for s in slot_ids])
         if claimed_slot_ids is not None:
@@ -692,22 +748,6 @@ class Scheduler:
         connection.execute(update(_SLOTS).where(_SLOTS.c.id == slot.id).values(booked=_SLOTS.c.booked + 1))
         overbooks.append({**verdict, "slot_id": slot.id})
         return booked + 1
-
-    @staticmethod
-    def _insert_appointment(session: Session, appointment: Appointment) -> None:
-        """Write a new (pending) appointment with one Core INSERT … RETURNING and keep
-        the object as a clean persistent instance: the ORM flush of one row costs
-        several times the statement itself, and every booking pays it."""
-        state = inspect(appointment)
-        values = {key: value for key, value in state.dict.items() if key in _APPOINTMENT_COLUMNS}
-        row = session.connection().execute(_INSERT_APPOINTMENT, values).one()
-        if state.pending:
-            session.expunge(appointment)
-        # every column as stored, defaults included; then it is the loaded, clean row of a
-        # persistent object, exactly as if the session had flushed it (what the ORM loader does)
-        state.dict.update(row._mapping)
-        make_transient_to_detached(appointment)
-        session.add(appointment)
 
     def _slots_for(self, session: Session, request: BookingRequest) -> list:
         """The slots a request would use, as rows (id, start, end, owner, type, capacity…), by start."""
@@ -828,7 +868,7 @@ class Scheduler:
 
     def _release(self, session: Session, appointment: Appointment) -> list[int]:
         """Give back the appointment's time; returns the freed slot ids."""
-        session.execute(delete(Reservation).where(Reservation.appointment_id == appointment.id))
+        session.execute(_RELEASE_RESERVATIONS, {"for_appointment": appointment.id})
         slot_ids = self._slot_ids(session, appointment.id)
         if slot_ids:
             session.execute(
@@ -1221,9 +1261,7 @@ class Scheduler:
         """The owner's own schedule message is the confirmation a request waits for."""
         now = self.clock.now()
         released = Status(appointment.status) in RELEASING
-        for asked in session.scalars(select(ChangeRequest).where(
-                ChangeRequest.appointment_id == appointment.id, ChangeRequest.status.in_(_OPEN_REQUESTS))
-                .order_by(ChangeRequest.id)):
+        for asked in session.scalars(_OPEN_REQUESTS_OF, {"appointment_id": appointment.id}):
             if asked.kind == "book":
                 done = Status(appointment.status) in OCCUPYING and appointment.status != Status.HELD.value
                 verdict = "confirmed" if done else ("refused" if released else None)
@@ -1329,17 +1367,20 @@ class Scheduler:
 
     # --- patients ----------------------------------------------------------------
 
-    def register_patient(self, record: PatientRecord, actor: Actor) -> Patient:
-        """Create the patient, or update the one any of the identifiers already names."""
+    def register_patient(self, record: PatientRecord, actor: Actor, *, named: Optional[list[int]] = None) -> Patient:
+        """Create the patient, or update the one any of the identifiers already names.
+
+        ``named``: what ``patients_named_by(record.identifiers)`` answered the caller in this
+        transaction, so that the identifiers are not looked up again."""
         if not record.identifiers:
             raise InvalidRequest("a patient needs at least one identifier")
         now = self.clock.now()
         with self.unit_of_work() as (session, work):
-            patient = self._patient_by_identifiers(session, record.identifiers)
+            ids = self._patient_ids(session, record.identifiers) if named is None else named
+            patient = session.get(Patient, ids[0]) if ids else None
             created = patient is None
             if created:
-                patient = Patient(created_at=now, updated_at=now)
-                session.add(patient)
+                patient = Patient(created_at=now, updated_at=now)  # not added: written below
             for name in (
                 "family_name", "given_name", "birth_date", "sex", "language", "email", "phones", "address",
                 "needs_interpreter", "mobility", "other_needs", "preferred_provider_gender", "preferred_weekdays",
@@ -1350,16 +1391,26 @@ class Scheduler:
                 if value is not None:
                     setattr(patient, name, value)
             patient.updated_at = now
-            session.flush()
-            known = {(i.authority, i.type_code, i.value) for i in patient.identifiers}
-            for ident in record.identifiers:
-                key = (ident.authority, ident.type_code, ident.value)
-                if key not in known:
-                    # through the relationship, so the returned patient lists it too
-                    patient.identifiers.append(PatientIdentifier(value=ident.value, authority=ident.authority,
-                                                                 type_code=ident.type_code))
-                    known.add(key)
-            session.flush()
+            if created:
+                _insert_row(session, patient)
+                identifiers = []
+                for key in dict.fromkeys((i.authority, i.type_code, i.value) for i in record.identifiers):
+                    identifier = PatientIdentifier(patient_id=patient.id, authority=key[0], type_code=key[1],
+                                                   value=key[2])
+                    _insert_row(session, identifier)
+                    identifiers.append(identifier)
+                set_committed_value(patient, "identifiers", identifiers)  # so the returned patient lists them
+            else:
+                session.flush()
+                known = {(i.authority, i.type_code, i.value) for i in patient.identifiers}
+                for ident in record.identifiers:
+                    key = (ident.authority, ident.type_code, ident.value)
+                    if key not in known:
+                        # through the relationship, so the returned patient lists it too
+                        patient.identifiers.append(PatientIdentifier(value=ident.value, authority=ident.authority,
+                                                                     type_code=ident.type_code))
+                        known.add(key)
+                session.flush()
             self._record(session, work, Change("patient_registered" if created else "patient_updated", None, "", "",
                                                actor, detail={"patient_id": patient.id}),
                          entity="patient", entity_id=patient.id)
@@ -1376,25 +1427,20 @@ class Scheduler:
         keys = [(i.authority, i.type_code, i.value) for i in identifiers]
         if not keys:
             return []
-        owner_of = {
-            (row.authority, row.type_code, row.value): row.patient_id
-            for row in session.execute(
-                select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value,
-                       PatientIdentifier.patient_id)
-                .where(tuple_(PatientIdentifier.authority, PatientIdentifier.type_code,
-                              PatientIdentifier.value).in_(keys))
-            )
-        }
+        owner_of = {(authority, type_code, value): (patient_id, merged_into_id)
+                    for authority, type_code, value, patient_id, merged_into_id
+                    in session.execute(_IDENTIFIER_OWNERS, {"keys": keys})}
         found: list[int] = []
         for key in keys:
-            patient_id = owner_of.get(key)
-            if patient_id is None:
+            owner = owner_of.get(key)
+            if owner is None:
                 continue
-            patient = session.get(Patient, patient_id)
-            while patient.merged_into_id:
-                patient = session.get(Patient, patient.merged_into_id)
-            if patient.id not in found:
-                found.append(patient.id)
+            patient_id, merged_into_id = owner
+            while merged_into_id:
+                patient = session.get(Patient, merged_into_id)
+                patient_id, merged_into_id = patient.id, patient.merged_into_id
+            if patient_id not in found:
+                found.append(patient_id)
         return found
 
     def find_patient(self, identifiers) -> Optional[Patient]:
@@ -1406,13 +1452,19 @@ class Scheduler:
         with self.sessions() as session:
             return self._patient_ids(session, identifiers)
 
-    def record_coverage(self, patient_id: int, record: CoverageRecord, actor: Actor) -> Coverage:
+    def record_coverage(self, patient_id: int, record: CoverageRecord, actor: Actor, *,
+                        found: Any = _NOT_LOOKED_UP) -> Coverage:
+        """Create or update the patient's coverage by this payer and member id.
+
+        ``found``: the id of that coverage, or None for none, when the caller has just
+        looked (``coverage_of``) in this transaction; by default it is looked up here."""
         with self.unit_of_work() as (session, work):
             if session.get(Patient, patient_id) is None:
                 raise NotFound("patient", patient_id)
-            coverage = session.scalars(select(Coverage).where(
-                Coverage.patient_id == patient_id, Coverage.payer_id == record.payer_id,
-                Coverage.member_id == record.member_id)).one_or_none()
+            if found is _NOT_LOOKED_UP:
+                coverage = self._coverage_of(session, patient_id, record.payer_id, record.member_id)
+            else:
+                coverage = session.get(Coverage, found) if found is not None else None
             created = coverage is None
             if created:
                 coverage = Coverage(patient_id=patient_id, payer_id=record.payer_id, member_id=record.member_id)
@@ -1425,6 +1477,16 @@ class Scheduler:
                                                detail={"patient_id": patient_id, "coverage_id": coverage.id}),
                          entity="coverage", entity_id=coverage.id)
         return coverage
+
+    def coverage_of(self, patient_id: int, payer_id: str, member_id: str) -> Optional[Coverage]:
+        """The patient's coverage by this payer and member id, if recorded."""
+        with self.sessions() as session:
+            return self._coverage_of(session, patient_id, payer_id, member_id)
+
+    @staticmethod
+    def _coverage_of(session: Session, patient_id: int, payer_id: str, member_id: str) -> Optional[Coverage]:
+        return session.scalars(_COVERAGE_OF, {"patient_id": patient_id, "payer_id": payer_id,
+                                              "member_id": member_id}).one_or_none()
 
     def set_patient_flags(self, patient_id: int, flags: Sequence[str], actor: Actor, *, source: str,
                           replace_source: bool = False) -> bool:
@@ -1565,27 +1627,33 @@ class Scheduler:
         # count the rows RETURNING gives back: psycopg reports rowcount -1 for this INSERT
         return len(self._insert_reservations(session, rows))
 
-    def record_external_appointment(self, external: ExternalAppointment, actor: Actor) -> Appointment:
+    def record_external_appointment(self, external: ExternalAppointment, actor: Actor, *,
+                                    found: Any = _NOT_LOOKED_UP) -> Appointment:
         """Mirror mode: the EHR owns the schedule.  Create or update our copy as it
         says, even when it overlaps another booking; such overlaps are flagged on
         the appointment (``conflict``) for staff instead of being refused.  Works in
         any arrival order: a modification or cancellation for an appointment we
-        have not seen yet creates it."""
+        have not seen yet creates it.
+
+        ``found``: the id of the appointment the placer and filler ids name, or None
+        for none, when the caller has just looked (``find_appointment``) in this
+        transaction; by default they are looked up here."""
         if not (external.placer_id or external.filler_id):
             raise InvalidRequest("an external appointment needs a placer or a filler id")
         target = Status(external.status)
         now = self.clock.now()
         with self.unit_of_work() as (session, work):
-            appointment = self._find_appointment(session, external.placer_id, external.filler_id)
-            created = appointment is None
-            if created:
+            if found is _NOT_LOOKED_UP:
+                appointment = self._find_appointment(session, external.placer_id, external.filler_id)
+                found = appointment.id if appointment is not None else None
+            created = found is None
+            if created:  # not added: written below
                 appointment = Appointment(status=Status.REQUESTED.value, source="mirror", created_at=now, updated_at=now,
                                           placer_id=external.placer_id, filler_id=external.filler_id)
-                session.add(appointment)
                 before: Optional[dict[str, Any]] = None
                 current = Status.REQUESTED.value
             else:
-                appointment = self._appointment(session, appointment.id)
+                appointment = self._appointment(session, found)
                 before = _snapshot(appointment)
                 seen = _mirror_view(appointment)
                 current = appointment.status
@@ -1598,8 +1666,9 @@ class Scheduler:
             resources_changed = sorted(r.resource_id for r in appointment.resources) != sorted(external.resource_ids)
             was_occupying = not created and Status(current) in OCCUPYING
             freed: list[int] = []
-            if was_occupying and (moved or resources_changed or target in RELEASING or
-                                  (external.patient_id and external.patient_id != appointment.patient_id)):
+            released = was_occupying and bool(moved or resources_changed or target in RELEASING or
+                                               (external.patient_id and external.patient_id != appointment.patient_id))
+            if released:
                 freed = self._release(session, appointment)
             appointment.start, appointment.end = external.start, external.end
             appointment.appointment_type = external.appointment_type
@@ -1610,22 +1679,32 @@ class Scheduler:
             appointment.provider_id = external.provider_id or appointment.provider_id
             appointment.location_id = external.location_id or appointment.location_id
             appointment.status = target.value
-            if resources_changed:
+            if not created and (target.value != current or moved or resources_changed):
+                appointment.updated_at = now  # a change for certain: one UPDATE of the row, not two
+            if created:
+                _insert_row(session, appointment)
+                links = [AppointmentResource(appointment_id=appointment.id, resource_id=r) for r in external.resource_ids]
+                for link in links:
+                    _insert_row(session, link)
+                set_committed_value(appointment, "resources", links)
+            elif resources_changed:
                 appointment.resources = [AppointmentResource(resource_id=r) for r in external.resource_ids]
             session.flush()
-            holds_time = bool(session.scalar(select(func.count()).select_from(Reservation)
-                                             .where(Reservation.appointment_id == appointment.id)))
+            # a row inserted just now, or whose time was given back above, holds no reservations
+            holds_time = not (created or released) and \
+                session.scalar(_HOLDS_TIME, {"appointment_id": appointment.id}) is not None
             if target in OCCUPYING and not holds_time:
-                appointment.conflict = self._occupy_as_told(session, appointment)
+                appointment.conflict = self._occupy_as_told(session, appointment, unlinked=created or released)
             elif target not in OCCUPYING:
                 appointment.conflict = ""
-            if not created and _mirror_view(appointment) == seen:
+            told = _mirror_view(appointment)
+            if not created and told == seen:
                 return appointment  # the same message again: nothing to record or announce
             appointment.updated_at = now
             kind = self._mirror_kind(created, current, target, moved)
             change = Change(kind, appointment.id, current, target.value, actor, external.reason,
                             slot_ids=tuple(freed), detail={"conflict": appointment.conflict} if appointment.conflict else {})
-            self._record(session, work, change, before=before, after=_snapshot(appointment))
+            self._record(session, work, change, before=before, after=told[0])  # its _snapshot
             if not created:
                 self._settle_by_owner_message(session, work, appointment, kind, actor)
         return appointment
@@ -1640,8 +1719,9 @@ class Scheduler:
                 Status.NO_SHOW: "no_show", Status.ARRIVED: "arrived", Status.CHECKED_IN: "checked_in",
                 Status.COMPLETED: "completed"}.get(target, "modified")
 
-    def _occupy_as_told(self, session: Session, appointment: Appointment) -> str:
-        """Take what time is free for this appointment; describe what was not."""
+    def _occupy_as_told(self, session: Session, appointment: Appointment, *, unlinked: bool = False) -> str:
+        """Take what time is free for this appointment; describe what was not.
+        ``unlinked``: no slot links it (inserted, or its time given back, by this call)."""
         problems = []
         subjects = []
         if appointment.provider_id is not None:
@@ -1650,20 +1730,24 @@ class Scheduler:
         if appointment.patient_id is not None:
             subjects.append(_subject("patient", appointment.patient_id))
         unit_range = list(calendar.units(appointment.start, appointment.end))
-        for subject in subjects:
-            rows = [{"subject": subject, "unit": u, "seat": 0, "appointment_id": appointment.id} for u in unit_range]
-            if rows and self._insert_ignoring_conflicts(session, rows) < len(rows):
-                others = sorted(set(session.scalars(select(Reservation.appointment_id).where(
-                    Reservation.subject == subject, Reservation.unit.in_(unit_range),
-                    Reservation.appointment_id != appointment.id))))
-                problems.append(f"{subject} overlaps appointment(s) {', '.join(map(str, others))}")
+        if unit_range and subjects:
+            # every subject's rows in one INSERT; what did not go in tells who overlaps
+            taken = Counter(subject for subject, _unit, _seat in self._insert_reservations(session, [
+                {"subject": subject, "unit": u, "seat": 0, "appointment_id": appointment.id}
+                for subject in subjects for u in unit_range]))
+            for subject in subjects:
+                if taken[subject] < len(unit_range):
+                    others = sorted(set(session.scalars(select(Reservation.appointment_id).where(
+                        Reservation.subject == subject, Reservation.unit.in_(unit_range),
+                        Reservation.appointment_id != appointment.id))))
+                    problems.append(f"{subject} overlaps appointment(s) {', '.join(map(str, others))}")
         if appointment.provider_id is not None:
             # an appointment whose every minute overlapped others holds no reservations yet keeps its slot
             # links: a later message about it must not count it into those slots twice
-            linked = set(self._slot_ids(session, appointment.id))
-            slot_ids = [s for s in session.scalars(select(Slot.id).where(
-                Slot.provider_id == appointment.provider_id, Slot.start < appointment.end, Slot.end > appointment.start))
-                if s not in linked]
+            linked = set() if unlinked else set(self._slot_ids(session, appointment.id))
+            slot_ids = [s for s in session.scalars(_PROVIDER_SLOTS, {"provider_id": appointment.provider_id,
+                                                                     "start": appointment.start, "end": appointment.end})
+                        if s not in linked]
             if slot_ids:
                 session.execute(update(Slot).where(Slot.id.in_(slot_ids)).values(booked=Slot.booked + 1)
                                 .execution_options(synchronize_session=False))
@@ -1753,6 +1837,10 @@ class Scheduler:
 
 
 _OPEN_REQUESTS = ("pending", "accepted")
+_OPEN_REQUESTS_OF = (select(ChangeRequest)
+                     .where(ChangeRequest.appointment_id == bindparam("appointment_id"),
+                            ChangeRequest.status.in_(_OPEN_REQUESTS))
+                     .order_by(ChangeRequest.id))
 
 
 def _request_detail(asked: ChangeRequest) -> dict[str, Any]:

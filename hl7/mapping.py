@@ -203,16 +203,15 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from sqlalchemy import event, select
+from sqlalchemy import bindparam, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from engine.calendar import zone
 from engine.errors import NotFound, SchedulingError
-from engine.models import Appointment, AppointmentResource, ChangeRequest, Coverage, Location, Patient, \
-    PatientIdentifier, Provider, Resource, TimeBlock
+from engine.models import Appointment, ChangeRequest, Coverage, Location, Patient, Provider, Resource, TimeBlock
 from engine.requests import Actor, CoverageRecord, ExternalAppointment, Identifier, PatientRecord
 from engine.service import REQUESTED_PLACER_PREFIX, Scheduler
 from engine.states import OCCUPYING, TRANSITIONS, Status
@@ -399,7 +398,10 @@ def _error(code: int, text: str, segment: Optional[str] = None, sequence: Option
 
 class _Context:
     def __init__(self, scheduler: Scheduler, message: Message, event: str, message_id: int):
-        self.scheduler = scheduler
+        # the message's calls commit or roll back together (the caller's contract): no savepoint
+        # each; ``guarded`` is the caller's view, each call in a savepoint, for what is retried
+        self.scheduler = scheduler.all_or_nothing()
+        self.guarded = scheduler
         self.message = message
         self.event = event
         self.message_id = message_id
@@ -408,6 +410,12 @@ class _Context:
         self.warnings: list[ErrorDetail] = []
         self.default_tz: str = scheduler.settings.default_timezone
         self.appointment_id: Optional[int] = None
+        self._held: list[Any] = []
+
+    def hold(self, row: Any) -> None:
+        """Keep ``row`` referenced while the message is applied: the session's identity
+        map holds rows weakly, and the engine and plugins then get it without a SELECT."""
+        self._held.append(row)
 
     def where(self, seg: Optional[Segment]) -> tuple[Optional[str], Optional[int]]:
         if seg is None:
@@ -749,15 +757,15 @@ def _unchanged(ctx: _Context, patient_id: int, record: PatientRecord) -> bool:
         patient = session.get(Patient, patient_id)
         if patient is None:
             return False
+        ctx.hold(patient)
         for name in record.__dataclass_fields__:
             if name == "identifiers":
                 continue
             value = getattr(record, name)
             if value is not None and getattr(patient, name) != value:
                 return False
-        known = set(session.execute(select(PatientIdentifier.authority, PatientIdentifier.type_code,
-                                           PatientIdentifier.value)
-                                    .where(PatientIdentifier.patient_id == patient_id)).all())
+        # the relationship, which register_patient would load next
+        known = {(i.authority, i.type_code, i.value) for i in patient.identifiers}
     return all((i.authority, i.type_code, i.value) in known for i in record.identifiers)
 
 
@@ -770,7 +778,8 @@ def _register(ctx: _Context, pid: Segment, record: PatientRecord) -> int:
     if owners and _unchanged(ctx, owners[0], record):
         return owners[0]
     with ctx.engine_call(pid, 3):
-        patient = ctx.scheduler.register_patient(record, ctx.actor)
+        patient = ctx.scheduler.register_patient(record, ctx.actor, named=owners)
+    ctx.hold(patient)
     return patient.id
 
 
@@ -810,10 +819,13 @@ def _coverages(ctx: _Context, patient_id: int) -> None:
         record = _coverage_record(ctx, in1, in2_of.get(id(in1)), position)
         if record is None:
             continue
-        if _coverage_unchanged(ctx, patient_id, record):
-            continue
+        coverage = ctx.scheduler.coverage_of(patient_id, record.payer_id, record.member_id)
+        if coverage is not None:
+            ctx.hold(coverage)
+            if _coverage_unchanged(coverage, record):
+                continue
         with ctx.engine_call(in1, 3):
-            ctx.scheduler.record_coverage(patient_id, record, ctx.actor)
+            ctx.scheduler.record_coverage(patient_id, record, ctx.actor, found=coverage.id if coverage else None)
 
 
 def _coverage_record(ctx: _Context, in1: Segment, in2: Optional[Segment], position: int) -> Optional[CoverageRecord]:
@@ -851,16 +863,10 @@ def _coverage_record(ctx: _Context, in1: Segment, in2: Optional[Segment], positi
     )
 
 
-def _coverage_unchanged(ctx: _Context, patient_id: int, record: CoverageRecord) -> bool:
-    with ctx.scheduler.sessions() as session:
-        coverage = session.scalars(select(Coverage).where(
-            Coverage.patient_id == patient_id, Coverage.payer_id == record.payer_id,
-            Coverage.member_id == record.member_id)).one_or_none()
-        if coverage is None:
-            return False
-        return all(getattr(coverage, name) == getattr(record, name) for name in (
-            "payer_name", "plan_id", "group_number", "priority", "effective_date", "expiry_date",
-            "verification_status", "verified_at"))
+def _coverage_unchanged(coverage: Coverage, record: CoverageRecord) -> bool:
+    return all(getattr(coverage, name) == getattr(record, name) for name in (
+        "payer_name", "plan_id", "group_number", "priority", "effective_date", "expiry_date",
+        "verification_status", "verified_at"))
 
 
 # --- ADT ------------------------------------------------------------------------------
@@ -949,15 +955,20 @@ def _event_time(ctx: _Context, pv1: Optional[Segment]) -> datetime:
     return ctx.scheduler.clock.now()
 
 
+# the patient's appointments around an event, and every location's time zone
+_AROUND = (select(Appointment.id, Appointment.start, Appointment.status, Appointment.location_id)
+           .where(Appointment.patient_id == bindparam("patient_id"), Appointment.start >= bindparam("earliest"),
+                  Appointment.start <= bindparam("latest"))
+           .order_by(Appointment.start, Appointment.id))
+_ZONES = select(Location.id, Location.timezone)
+
+
 def _visit_event(ctx: _Context, patient_id: int, pv1: Optional[Segment]) -> None:
     when = _event_time(ctx, pv1)
     with ctx.scheduler.sessions() as session:
-        rows = session.execute(select(Appointment.id, Appointment.start, Appointment.status, Appointment.location_id)
-                               .where(Appointment.patient_id == patient_id,
-                                      Appointment.start >= when - timedelta(days=2),
-                                      Appointment.start <= when + timedelta(days=2))
-                               .order_by(Appointment.start, Appointment.id)).all()
-        zones = dict(session.execute(select(Location.id, Location.timezone)).all()) if rows else {}
+        rows = session.execute(_AROUND, {"patient_id": patient_id, "earliest": when - timedelta(days=2),
+                                         "latest": when + timedelta(days=2)}).all()
+        zones = dict(session.execute(_ZONES).all()) if rows else {}
     same_day = []
     for appointment_id, start, status, location_id in rows:
         tz = zones.get(location_id) or ctx.default_tz
@@ -1105,22 +1116,23 @@ def _forget_codes(session: Session, _transaction) -> None:
     session.info.pop(_CODES, None)
 
 
-def _looked_up(ctx: _Context, key: tuple, query) -> Any:
-    """``query``'s scalar, remembered for the rest of the transaction: the messages of
-    one batch name the same few locations, providers and rooms again and again."""
+def _looked_up(ctx: _Context, key: tuple, query: Callable[[], Any]) -> Any:
+    """The scalar of the statement ``query()`` builds, remembered for the rest of the
+    transaction: the messages of one batch name the same few locations, providers and rooms
+    again and again (the statement is built only when the answer is not known yet)."""
     with ctx.scheduler.sessions() as session:
         known = session.info.setdefault(_CODES, {})
         if key not in known:
-            known[key] = session.scalar(query)
+            known[key] = session.scalar(query())
         return known[key]
 
 
 def _existing_id(ctx: _Context, model, code: str) -> Optional[int]:
-    return _looked_up(ctx, (model, code), select(model.id).where(model.code == code))
+    return _looked_up(ctx, (model, code), lambda: select(model.id).where(model.code == code))
 
 
 def _location_timezone(ctx: _Context, code: str) -> str:
-    return _looked_up(ctx, ("timezone", code), select(Location.timezone).where(Location.code == code)) \
+    return _looked_up(ctx, ("timezone", code), lambda: select(Location.timezone).where(Location.code == code)) \
         or ctx.default_tz
 
 
@@ -1131,7 +1143,7 @@ def _ensure(ctx: _Context, entity: _Entity, **extra: Any) -> int:
     if found is not None:
         return found
     try:
-        with ctx.scheduler.unit_of_work() as (session, _work):
+        with ctx.guarded.unit_of_work() as (session, _work):
             row = entity.model(code=entity.code, **entity.values, **extra)
             session.add(row)
             session.flush()
@@ -1370,8 +1382,9 @@ def _snapshot(ctx: _Context, placer: Optional[str], filler: Optional[str]) -> Op
         return None
     with ctx.scheduler.sessions() as session:
         row = session.get(Appointment, appointment.id)
-        resources = sorted(session.scalars(select(AppointmentResource.resource_id)
-                                           .where(AppointmentResource.appointment_id == row.id)))
+        ctx.hold(row)
+        # the relationship, which record_external_appointment reads next
+        resources = sorted(r.resource_id for r in row.resources)
         # held until the EHR books it (Scheduler.request_booking): its S12 is that booking, not a late notice
         asked = row.status == Status.HELD.value and session.scalar(select(ChangeRequest.id).where(
             ChangeRequest.appointment_id == row.id, ChangeRequest.kind == "book",
@@ -1453,9 +1466,12 @@ def _apply_siu(ctx: _Context) -> str:
     else:
         path = [target]
     status_field = (sch, 25) if filler_status and ctx.event not in _TRIGGER_STATUS else (message.msh, 9)
+    found = existing["id"] if existing else None
     for step in path:
         with ctx.engine_call(*status_field):
-            appointment = ctx.scheduler.record_external_appointment(replace(external, status=step.value), ctx.actor)
+            appointment = ctx.scheduler.record_external_appointment(replace(external, status=step.value), ctx.actor,
+                                                                    found=found)
+        found = appointment.id
     ctx.appointment_id = appointment.id
     return "applied"
 

@@ -200,7 +200,8 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
     settings = _settings(context)
     if settings is None or change.appointment_id is None or not settings.recheck_hours:
         return
-    if change.kind in ("rescheduled", "cancelled", "no_show", "discontinued", "deleted", "hold_expired"):
+    if change.kind in ("rescheduled", "cancelled", "no_show", "discontinued", "deleted", "hold_expired") \
+            and change.from_state != "requested":  # one this change created has no recheck planned yet
         withdraw_tasks(session, plugin=NAME, kinds=("recheck",), appointment_id=change.appointment_id)
     if change.to_state in BOOKED and change.kind in ("booked", "rescheduled", "reinstated", "no_show_reversed"):
         appointment = session.get(Appointment, change.appointment_id)

@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlalchemy import event, select
+from sqlalchemy import bindparam, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from engine.errors import InvalidRequest, NotFound, SchedulingError, SlotUnavailable
-from engine.messaging import local_when
+from engine.messaging import kept, local_when
 from engine.models import Appointment, Coverage, Location, Patient, Provider, Referral
 from engine.plugin import hookimpl
 from engine.requests import Actor, BookingRequest, Change, SlotQuery
@@ -434,20 +434,32 @@ def slotengine_route_referral(session: Session, referral: dict[str, Any], contex
 # --- following the consult ----------------------------------------------------------------------------
 
 
+_LINKED = select(Referral).where(Referral.appointment_id == bindparam("appointment_id"))
+_WAITING = (select(Referral)
+            .where(Referral.patient_id == bindparam("patient_id"), Referral.status == "waitlisted",
+                   Referral.specialty.in_(bindparam("specialties", expanding=True)))
+            .order_by(Referral.received_at))
+
+
 @hookimpl(trylast=True)
 def slotengine_schedule_changed(session: Session, change: Change, context) -> None:
     if _settings(context) is None or change.appointment_id is None:
         return
     now = context.clock.now()
-    linked = session.scalars(select(Referral).where(Referral.appointment_id == change.appointment_id)).first()
+    # routing links a referral to its booking after the booking: an appointment this change
+    # created (from "requested") has none yet
+    linked = None if change.from_state == "requested" else \
+        session.scalars(_LINKED, {"appointment_id": change.appointment_id}).first()
     if change.kind == "booked" and linked is None and change.to_state in BOOKED:
         appointment = session.get(Appointment, change.appointment_id)
-        provider = session.get(Provider, appointment.provider_id) if appointment.provider_id else None
-        if provider is None or appointment.patient_id is None or appointment.reason.startswith("referral "):
+        if not appointment.provider_id or appointment.patient_id is None \
+                or appointment.reason.startswith("referral "):
             return  # the routing of another referral booked it
-        waiting = session.scalars(select(Referral).where(
-            Referral.patient_id == appointment.patient_id, Referral.status == "waitlisted",
-            Referral.specialty.in_(provider.specialties or [])).order_by(Referral.received_at)).first()
+        provider = kept(session, Provider, appointment.provider_id)
+        if provider is None:
+            return
+        waiting = session.scalars(_WAITING, {"patient_id": appointment.patient_id,
+                                             "specialties": list(provider.specialties or [])}).first()
         if waiting is not None:
             waiting.appointment_id, waiting.provider_id = appointment.id, provider.id
             _step(waiting, "booked", f"appointment {appointment.id} ({change.actor.label})", now)

@@ -51,7 +51,7 @@ from functools import partial
 from typing import Any, Optional
 from urllib.parse import quote
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from engine.errors import SchedulingError
@@ -285,14 +285,17 @@ def plan_escalation(session: Session, appointment: Appointment, context, *, chan
     return chosen
 
 
+_WITHDRAW = (
+    update(OutboxItem)
+    .where(OutboxItem.appointment_id == bindparam("for_appointment"),
+           OutboxItem.kind.in_(bindparam("kinds", expanding=True)), OutboxItem.status == "pending")
+    .values(status="withdrawn")
+    .execution_options(synchronize_session=False)
+)
+
+
 def withdraw(session: Session, appointment_id: int, kinds: tuple[str, ...] = ("confirmation", "reminder")) -> int:
-    return session.execute(
-        update(OutboxItem)
-        .where(OutboxItem.appointment_id == appointment_id, OutboxItem.kind.in_(kinds),
-               OutboxItem.status == "pending")
-        .values(status="withdrawn")
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    return session.execute(_WITHDRAW, {"for_appointment": appointment_id, "kinds": list(kinds)}).rowcount
 
 
 def plan_follow_up(session: Session, appointment: Appointment, context) -> int:
@@ -320,8 +323,9 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
     if _settings(context) is None or change.appointment_id is None:
         return
     kind = change.kind
-    if kind in RELEASED or kind == "rescheduled" or (kind in ("booked", "reinstated", "no_show_reversed")
-                                                     and change.to_state in BOOKED):
+    created = change.from_state == "requested"  # by this change: it has no messages to withdraw yet
+    if not created and (kind in RELEASED or kind == "rescheduled" or (
+            kind in ("booked", "reinstated", "no_show_reversed") and change.to_state in BOOKED)):
         withdraw(session, change.appointment_id)
     if change.to_state in BOOKED and kind in ("booked", "reinstated", "no_show_reversed", "rescheduled"):
         appointment = session.get(Appointment, change.appointment_id)
