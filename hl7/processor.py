@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Row, func, select, text, update
 from sqlalchemy.orm import Session
 
 from engine.errors import SchedulingError
@@ -127,6 +127,7 @@ class Processor:
         """Apply one batch; returns how many stored messages it handled (0: none waited)."""
         outcomes: list[Outcome] = []
         views: list[Scheduler] = []
+        finished: list[dict] = []  # the messages' new status, written in one statement with the batch
         with self.scheduler.sessions() as session, session.begin():
             moved_through = self.store.move_received(session, self.batch_size)
             # per sender, for this whole transaction: may its messages be applied here?
@@ -141,12 +142,18 @@ class Processor:
                 started = time.perf_counter()
                 view = self.scheduler.within(session)
                 outcome = self._apply_one(session, view, row)
+                finished.append({"id": row.id, "status": outcome.status, "attempts": row.attempts + 1,
+                                 "error": "; ".join(e.message for e in outcome.errors)[:4000]
+                                 if outcome.status == PARKED else "",
+                                 "processed_at": self.scheduler.clock.now(), "application_ack": outcome.reply})
                 if outcome.status == APPLIED:
                     views.append(view)
                 elif outcome.status == PARKED and self.policies.get(row.feed, FeedPolicy()).on_error == "stop":
                     allowed[row.sender] = False
                 outcomes.append(outcome)
                 self.metrics.apply_seconds.labels(row.feed).observe(time.perf_counter() - started)
+            if finished:
+                session.execute(update(InboundMessage), finished)  # executemany by primary key
             depth = self._received(session)
         self.store.forget_moved(moved_through)
         if depth is not None:
@@ -168,37 +175,34 @@ class Processor:
         return session.scalar(select(func.count()).select_from(InboundMessage)
                               .where(InboundMessage.status == RECEIVED))
 
-    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[InboundMessage]:
+    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[Row]:
         after_id = 0
         while rows := self._claim(session, after_id, allowed):
             yield from rows
             after_id = rows[-1].id
 
-    def _claim(self, session: Session, after_id: int, allowed: dict[str, bool]) -> list[InboundMessage]:
+    def _claim(self, session: Session, after_id: int, allowed: dict[str, bool]) -> list[Row]:
         """The next few waiting messages after ``after_id``; ``allowed`` learns their
         senders.  A few at a time: a batch ends after ``BATCH_SECONDS``, and rows
         loaded past that point are waste."""
-        rows = list(session.scalars(
-            select(InboundMessage).where(InboundMessage.status == RECEIVED, InboundMessage.id > after_id)
-            .order_by(InboundMessage.id).limit(CLAIM_ROWS)
-        ))
+        rows = session.execute(_WAITING.where(InboundMessage.status == RECEIVED, InboundMessage.id > after_id)
+                               .order_by(InboundMessage.id).limit(CLAIM_ROWS)).all()
         if not rows:
             return []
         postgres = session.get_bind().dialect.name == "postgresql"
         for row in rows:
             if row.sender not in allowed:
                 allowed[row.sender] = self._may_apply(session, row, postgres)
-        claimed = [row for row in rows if allowed[row.sender]]
+        claimed = [row.id for row in rows if allowed[row.sender]]
         if postgres and claimed:
             # Another node may have applied some of them before we held the sender's lock.
-            fresh = set(session.scalars(select(InboundMessage.id).where(
-                InboundMessage.id.in_([r.id for r in claimed]), InboundMessage.status == RECEIVED).with_for_update()))
-            for row in claimed:
-                session.refresh(row)
-            rows = [row for row in rows if not allowed[row.sender] or row.id in fresh]
+            locked = {row.id: row for row in session.execute(_WAITING.where(
+                InboundMessage.id.in_(claimed), InboundMessage.status == RECEIVED).with_for_update())}
+            rows = [locked.get(row.id) if allowed[row.sender] else row for row in rows]
+            rows = [row for row in rows if row is not None]
         return rows  # with those of senders held back, which the caller passes over
 
-    def _may_apply(self, session: Session, row: InboundMessage, postgres: bool) -> bool:
+    def _may_apply(self, session: Session, row: Row, postgres: bool) -> bool:
         if postgres:
             key = zlib.crc32(f"slotengine-sender:{row.sender}".encode()) - 2**31
             if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}):
@@ -212,9 +216,8 @@ class Processor:
                 return False
         return True
 
-    def _apply_one(self, session: Session, view: Scheduler, row: InboundMessage) -> Outcome:
+    def _apply_one(self, session: Session, view: Scheduler, row: Row) -> Outcome:
         policy = self.policies.get(row.feed, FeedPolicy())
-        row.attempts += 1
         message = None
         savepoint = session.begin_nested()
         try:
@@ -226,24 +229,18 @@ class Processor:
         except (MappingError, HL7ParseError, SchedulingError) as exc:
             savepoint.rollback()
             view._deferred.clear()
-            errors = _errors_of(exc)
-            self._park(session, row, "; ".join(e.message for e in errors))
             log.warning("message parked", extra={"feed": row.feed, "message_id": row.id,
                                                  "control_id": row.control_id, "error": type(exc).__name__})
-            outcome = Outcome(row.id, row.feed, PARKED, errors)
+            outcome = Outcome(row.id, row.feed, PARKED, _errors_of(exc))
         except Exception as exc:  # noqa: BLE001 - a bug or a bad plugin: park, keep going
             savepoint.rollback()
             view._deferred.clear()
             detail = ErrorDetail("MSH", 1, 0, 0, "207", "E", f"internal error while applying: {type(exc).__name__}")
-            self._park(session, row, detail.message)
             log.error("message parked after an internal error", exc_info=True,
                       extra={"feed": row.feed, "message_id": row.id, "control_id": row.control_id})
             outcome = Outcome(row.id, row.feed, PARKED, [detail])
         else:
             savepoint.commit()
-            row.status = result.status
-            row.error = ""
-            row.processed_at = self.scheduler.clock.now()
             outcome = Outcome(row.id, row.feed, result.status, list(result.warnings), result.response)
         if message is not None and outcome.reply is None and (policy.ack_when == "applied" or message.enhanced_mode):
             # Built here, in the same transaction as the outcome, so a resend of
@@ -251,13 +248,11 @@ class Processor:
             code = "AE" if outcome.status == PARKED else "AA"
             outcome.reply = build_ack(message, code, outcome.errors, control_id=new_control_id(),
                                       now=self.scheduler.clock.now())
-        row.application_ack = outcome.reply
         return outcome
 
-    def _park(self, session: Session, row: InboundMessage, reason: str) -> None:
-        row.status = PARKED
-        row.error = reason[:4000]
-        row.processed_at = self.scheduler.clock.now()
+
+_WAITING = select(InboundMessage.id, InboundMessage.feed, InboundMessage.sender, InboundMessage.control_id,
+                  InboundMessage.raw, InboundMessage.attempts)
 
 
 def _errors_of(exc: Exception) -> list[ErrorDetail]:
