@@ -98,7 +98,7 @@ class Processor:
             while True:
                 with self.scheduler.sessions() as session, session.begin():
                     moved_through = self.store.move_received(session, 1000)
-                self.store.forget_moved(moved_through)
+                self.store.moved(moved_through)
                 if moved_through is None:
                     break
         except Exception as exc:  # noqa: BLE001 - still in the inbox: moved at the next start
@@ -155,7 +155,7 @@ class Processor:
             if finished:
                 session.execute(update(InboundMessage), finished)  # executemany by primary key
             depth = self._received(session)
-        self.store.forget_moved(moved_through)
+        self.store.moved(moved_through)
         if depth is not None:
             self.metrics.queue_depth.set(depth + self.store.inbox_depth())
         for view in views:

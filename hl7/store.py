@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -118,47 +118,59 @@ def inbox_path(database: Path) -> Path:
 class Inbox:
     """Receipts of a SQLite schedule, in a file of their own (see the module doc).
 
-    One connection to the inbox, used under a lock by the committer (insert) and
-    the processor (move, delete); one read-only connection to the schedule's
-    database, for resends of messages already moved there.  Ids come from
-    ``inbox_sequence``, started above every id the database holds, so a message
-    keeps its id when it moves.
+    The receiving side writes it: new receipts, and (at most once a second) the
+    deletion of rows the database now holds.  The applying side only reads it,
+    from its own connection, possibly in another process: it never waits for
+    the receiving side's lock, nor the receiving side for its.  Every inbox id
+    at or below the database's highest ``inbound_messages`` id has been moved
+    (rows move in id order, ids come from ``inbox_sequence`` started above every
+    id either file holds); every id above it has not.
     """
 
-    def __init__(self, database: Path):
+    PRUNE_EVERY_SECONDS = 1.0
+
+    def __init__(self, database: Path, *, writer: bool = True):
         self.path = inbox_path(database)
-        if not self.path.exists():
+        self.writer = writer
+        if writer and not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))  # patient data
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000"):
             self._db.execute(f"PRAGMA {pragma}")
-        self._db.executescript(_INBOX_SCHEMA)
         self._schedule = sqlite3.connect(database, isolation_level=None, check_same_thread=False, timeout=30)
         self._schedule.execute("PRAGMA query_only=1")
+        self._pruned_at = 0.0
+        if not writer:
+            self._db.execute("PRAGMA query_only=1")
+            return
+        self._db.executescript(_INBOX_SCHEMA)
         with self._writing() as db:
             stored = db.execute("SELECT max(id) FROM inbox").fetchone()[0] or 0
             counter = db.execute("SELECT last_id FROM inbox_sequence").fetchone()
-            moved = self._schedule.execute("SELECT max(id) FROM inbound_messages").fetchone()[0] or 0
-            last = max(stored, moved, counter[0] if counter else 0)
+            last = max(stored, self._moved_through(), counter[0] if counter else 0)
             if counter is None:
                 db.execute("INSERT INTO inbox_sequence (last_id) VALUES (?)", (last,))
             else:
                 db.execute("UPDATE inbox_sequence SET last_id = ?", (last,))
 
     @classmethod
-    def for_database(cls, url: str) -> Optional["Inbox"]:
+    def for_database(cls, url: str, *, writer: bool = True) -> Optional["Inbox"]:
         """The inbox of a SQLite database file; None for PostgreSQL (and in-memory SQLite)."""
         parsed = make_url(url)
         database = parsed.database or ""
         if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
             return None
-        return cls(Path(database))
+        return cls(Path(database), writer=writer)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
             self._schedule.close()
+
+    def _moved_through(self) -> int:
+        """The highest id the database holds: everything up to it has moved."""
+        return self._schedule.execute("SELECT max(id) FROM inbound_messages").fetchone()[0] or 0
 
     class _Transaction:
         def __init__(self, inbox: "Inbox"):
@@ -189,6 +201,10 @@ class Inbox:
     def store(self, items: list[Incoming]) -> list[Stored]:
         results: list[Stored] = []
         with self._writing() as db:
+            now = time.monotonic()
+            if now - self._pruned_at > self.PRUNE_EVERY_SECONDS:
+                self._pruned_at = now
+                db.execute("DELETE FROM inbox WHERE id <= ?", (self._moved_through(),))
             keys = list(dict.fromkeys((i.sender, i.control_id) for i in items))
             known = _rows_by_key(db, "inbox", keys)
             elsewhere = [k for k in keys if k not in known]
@@ -220,11 +236,11 @@ class Inbox:
                 db.execute("UPDATE inbox_sequence SET last_id = ?", (last,))
         return results
 
-    def waiting(self, limit: int) -> list[dict[str, Any]]:
-        """The oldest receipts, as ``inbound_messages`` rows."""
+    def waiting(self, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """The oldest receipts above ``after_id``, as ``inbound_messages`` rows."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox ORDER BY id LIMIT ?",
-                                    (limit,)).fetchall()
+            rows = self._db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
+                                    (after_id, limit)).fetchall()
         moved = []
         for row in rows:
             values = dict(zip(_INBOX_COLUMNS, row))
@@ -232,14 +248,10 @@ class Inbox:
             moved.append(values)
         return moved
 
-    def forget(self, through_id: int) -> None:
-        """Delete what the database now holds: every id up to ``through_id`` was moved in one commit."""
-        with self._writing() as db:
-            db.execute("DELETE FROM inbox WHERE id <= ?", (through_id,))
-
     def depth(self) -> int:
+        """Receipts not yet moved into the database."""
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM inbox").fetchone()[0]
+            return self._db.execute("SELECT count(*) FROM inbox WHERE id > ?", (self._moved_through(),)).fetchone()[0]
 
     def find(self, message_id: int) -> Optional[tuple[str, Optional[bytes]]]:
         with self._lock:
@@ -262,8 +274,11 @@ def inbox_rows(url: str) -> list[dict[str, Any]]:
     path = inbox_path(Path(parsed.database))
     if not path.exists():
         return []
+    with sqlite3.connect(f"file:{parsed.database}?mode=ro", uri=True) as db:
+        moved_through = db.execute("SELECT coalesce(max(id), 0) FROM inbound_messages").fetchone()[0]
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        rows = db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox ORDER BY id").fetchall()
+        rows = db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox WHERE id > ? ORDER BY id",
+                          (moved_through,)).fetchall()
     found = []
     for row in rows:
         values = dict(zip(_INBOX_COLUMNS, row))
@@ -298,6 +313,7 @@ class MessageStore:
         self.last_failure: Optional[str] = None
         self.last_failure_at: Optional[float] = None
         self.new_messages = threading.Event()
+        self._moved_through: Optional[int] = None  # the last inbox id moved into the database
 
     def store_batch(self, items: list[Incoming]) -> list[Stored]:
         """Commit a batch in one transaction; duplicates return their original."""
@@ -352,19 +368,22 @@ class MessageStore:
 
     def move_received(self, session: Session, limit: int) -> Optional[int]:
         """Move the oldest inbox rows into ``inbound_messages`` in ``session``'s
-        transaction; returns the last id moved, for ``forget_moved`` after commit."""
+        transaction; returns the last id moved, for ``moved`` once that commits."""
         if self.inbox is None:
             return None
-        rows = self.inbox.waiting(limit)
+        if self._moved_through is None:
+            self._moved_through = session.scalar(select(func.max(InboundMessage.id))) or 0
+        rows = self.inbox.waiting(self._moved_through, limit)
         if not rows:
             return None
-        # a row moved before a crash, and not yet deleted from the inbox, is already here
         session.execute(sqlite_insert(InboundMessage.__table__).on_conflict_do_nothing(), rows)
         return rows[-1]["id"]
 
-    def forget_moved(self, through_id: Optional[int]) -> None:
-        if through_id is not None and self.inbox is not None:
-            self.inbox.forget(through_id)
+    def moved(self, through_id: Optional[int]) -> None:
+        """The transaction that moved rows up to ``through_id`` committed (the
+        receiving side deletes them from the inbox in its own time)."""
+        if through_id is not None:
+            self._moved_through = through_id
 
     def inbox_depth(self) -> int:
         return self.inbox.depth() if self.inbox is not None else 0

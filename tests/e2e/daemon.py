@@ -39,13 +39,13 @@ def waiting_messages(database: Path) -> int:
     from hl7.store import inbox_path
 
     inbox = inbox_path(database)
-    waiting = 0
-    if inbox.exists():
-        with sqlite3.connect(inbox) as connection:
-            waiting = connection.execute("select count(*) from inbox").fetchone()[0]
     with sqlite3.connect(database) as connection:
-        return waiting + connection.execute(
-            "select count(*) from inbound_messages where status = 'received'").fetchone()[0]
+        moved_through = connection.execute("select coalesce(max(id), 0) from inbound_messages").fetchone()[0]
+        waiting = connection.execute("select count(*) from inbound_messages where status = 'received'").fetchone()[0]
+    if inbox.exists():  # rows up to the database's highest id have moved; the rest wait
+        with sqlite3.connect(inbox) as connection:
+            waiting += connection.execute("select count(*) from inbox where id > ?", (moved_through,)).fetchone()[0]
+    return waiting
 
 
 def free_port() -> int:

@@ -42,11 +42,16 @@ def open_store(path, engine) -> MessageStore:
     return MessageStore(make_session_factory(engine), Metrics(), Inbox(path))
 
 
-def move_all(store: MessageStore, *, forget: bool = True) -> None:
+def move_all(store: MessageStore, *, survive: bool = True) -> None:
     with store.sessions() as session, session.begin():
         through = store.move_received(session, 1000)
-    if forget:
-        store.forget_moved(through)
+    if survive:
+        store.moved(through)
+
+
+def inbox_ids(path) -> list[int]:
+    with sqlite3.connect(inbox_path(path)) as inbox:
+        return [row[0] for row in inbox.execute("select id from inbox order by id")]
 
 
 def database_rows(store: MessageStore) -> list[tuple]:
@@ -110,21 +115,41 @@ def test_a_reused_control_id_is_told_apart_from_a_resend(database):
     assert not store.store_batch([incoming("C1", body="A")])[0].reused_control_id
 
 
-def test_a_crash_between_move_and_forget_loses_and_doubles_nothing(database):
+def test_a_crash_right_after_a_move_loses_and_doubles_nothing(database):
     path, engine = database
     store = open_store(path, engine)
     store.store_batch([incoming(f"C{n}") for n in range(5)])
-    move_all(store, forget=False)  # committed in the database; the process dies before the inbox is told
+    move_all(store, survive=False)  # committed in the database; the process dies before it notes that
     store.inbox.close()
+    assert inbox_ids(path) == [1, 2, 3, 4, 5]  # in both files now
 
     reopened = open_store(path, engine)  # the restart
-    assert reopened.inbox_depth() == 5
+    assert reopened.inbox_depth() == 0, "the database holds them: nothing waits"
     later = reopened.store_batch([incoming("C9")])[0]
     assert later.message_id == 6, "ids continue above everything either file holds"
+    assert inbox_ids(path) == [6], "the receiving side deleted what had moved"
     move_all(reopened)
     rows = database_rows(reopened)
     assert [r[:2] for r in rows] == [(n + 1, f"C{n}") for n in range(5)] + [(6, "C9")]
     assert reopened.inbox_depth() == 0
+
+
+def test_the_applying_side_only_reads_the_inbox(database):
+    """As the daemon runs it: one process receives, another applies with a read-only inbox."""
+    path, engine = database
+    receiving = MessageStore(make_session_factory(engine), Metrics(), Inbox(path))
+    applying = MessageStore(make_session_factory(engine), Metrics(), Inbox(path, writer=False))
+    receiving.store_batch([incoming("C1"), incoming("C2")])
+    move_all(applying)
+    assert [r[:2] for r in database_rows(applying)] == [(1, "C1"), (2, "C2")]
+    with pytest.raises(sqlite3.OperationalError):
+        applying.inbox._db.execute("DELETE FROM inbox")
+    assert receiving.inbox_depth() == 0 and inbox_ids(path) == [1, 2]
+    receiving.inbox.PRUNE_EVERY_SECONDS = 0
+    receiving.store_batch([incoming("C3")])
+    assert inbox_ids(path) == [3]
+    move_all(applying)
+    assert [r[:2] for r in database_rows(applying)][-1] == (3, "C3")
 
 
 def test_ids_start_above_what_the_database_already_holds(database):
