@@ -109,6 +109,7 @@ class PluginHost:
     ):
         self.metrics = metrics or Metrics()
         self._in_flight: dict[int, tuple[str, str, float]] = {}
+        self._seconds: dict[tuple[str, str], Any] = {}  # (plugin, hook) -> its labelled histogram
         self._tokens = itertools.count()
         self._notifiers: Optional[dict[str, "_Notifier"]] = None
         self._max_pending = 10_000
@@ -215,7 +216,7 @@ class PluginHost:
         for impl in self._impls(hook_name):
             args = [kwargs[name] for name in impl.argnames]
             started = time.perf_counter()
-            token = self._enter(impl.plugin_name, hook_name)
+            token = self._enter(impl.plugin_name, hook_name, started)
             try:
                 result = impl.function(*args)
             except Exception as exc:  # noqa: BLE001 - policy applied by the caller
@@ -224,10 +225,7 @@ class PluginHost:
             else:
                 outcome = result
             finally:
-                self._in_flight.pop(token, None)
-                self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
-                    time.perf_counter() - started
-                )
+                self._done(token, impl.plugin_name, hook_name, started)
             yield impl.plugin_name, outcome
 
     def _each_in_savepoint(self, session: "Session", hook_name: str, kwargs: dict[str, Any]) -> None:
@@ -242,18 +240,15 @@ class PluginHost:
             return
         kwargs = {"context": self.context, "session": session, **kwargs}
         savepoint = session.begin_nested()
+        started = time.perf_counter()
         for impl in impls:
-            started = time.perf_counter()
-            token = self._enter(impl.plugin_name, hook_name)
+            token = self._enter(impl.plugin_name, hook_name, started)
             try:
                 impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception:  # noqa: BLE001 - redone one by one below, where it is logged
                 break
             finally:
-                self._in_flight.pop(token, None)
-                self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
-                    time.perf_counter() - started
-                )
+                started = self._done(token, impl.plugin_name, hook_name, started)
         else:
             savepoint.commit()
             return
@@ -264,7 +259,7 @@ class PluginHost:
         for impl in impls:
             started = time.perf_counter()
             savepoint = session.begin_nested()
-            token = self._enter(impl.plugin_name, hook_name)
+            token = self._enter(impl.plugin_name, hook_name, started)
             try:
                 impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception as exc:  # noqa: BLE001 - fail open, keep the caller's work
@@ -273,10 +268,7 @@ class PluginHost:
             else:
                 savepoint.commit()
             finally:
-                self._in_flight.pop(token, None)
-                self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(
-                    time.perf_counter() - started
-                )
+                self._done(token, impl.plugin_name, hook_name, started)
 
     # --- lifecycle and registration -------------------------------------------
 
@@ -534,29 +526,39 @@ class PluginHost:
                 continue
             kwargs = {"context": self.context, "change": change}
             started = time.perf_counter()
-            token = self._enter(plugin_name, "slotengine_after_change")
+            token = self._enter(plugin_name, "slotengine_after_change", started)
             try:
                 impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception as exc:  # noqa: BLE001 - notifications fail open
                 self._failed(plugin_name, "slotengine_after_change", exc)
             finally:
-                self._in_flight.pop(token, None)
-                self.metrics.plugin_seconds.labels(plugin_name, "slotengine_after_change").observe(
-                    time.perf_counter() - started)
+                self._done(token, plugin_name, "slotengine_after_change", started)
 
     # --- watchdog ---------------------------------------------------------------
 
-    def _enter(self, plugin: str, hook: str) -> int:
+    def _enter(self, plugin: str, hook: str, started: float) -> int:
+        """Note a call begun at ``started`` (``time.perf_counter()``) for ``stuck_calls``."""
         token = next(self._tokens)
-        self._in_flight[token] = (plugin, hook, time.monotonic())
+        self._in_flight[token] = (plugin, hook, started)
         return token
+
+    def _done(self, token: int, plugin: str, hook: str, started: float) -> float:
+        """The call ``_enter`` noted has returned: its time observed; returns the time now,
+        so that calls run one after another are timed with one clock reading each."""
+        ended = time.perf_counter()
+        self._in_flight.pop(token, None)
+        seconds = self._seconds.get((plugin, hook))
+        if seconds is None:  # labels() looks the child up by a tuple of strings each time
+            seconds = self._seconds[(plugin, hook)] = self.metrics.plugin_seconds.labels(plugin, hook)
+        seconds.observe(ended - started)
+        return ended
 
     def stuck_calls(self, longer_than: float = 10.0) -> list[dict[str, Any]]:
         """Plugin calls running longer than ``longer_than`` seconds, for health and logs.
 
         Python cannot stop a thread, so a plugin that blocks inside a booking
         transaction holds that transaction until it returns; this names it."""
-        now = time.monotonic()
+        now = time.perf_counter()
         return [{"plugin": plugin, "hook": hook, "seconds": round(now - started, 1)}
                 for plugin, hook, started in list(self._in_flight.values()) if now - started > longer_than]
 
@@ -609,7 +611,7 @@ class PluginHost:
         for impl in self._impls(hook_name):
             started = time.perf_counter()
             savepoint = session.begin_nested()
-            token = self._enter(impl.plugin_name, hook_name)
+            token = self._enter(impl.plugin_name, hook_name, started)
             try:
                 result = impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception as exc:
@@ -627,8 +629,7 @@ class PluginHost:
                     self._failed(impl.plugin_name, hook_name, error)
                     raise error
             finally:
-                self._in_flight.pop(token, None)
-                self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe(time.perf_counter() - started)
+                self._done(token, impl.plugin_name, hook_name, started)
             if result is not None:
                 return result
         return None

@@ -112,10 +112,10 @@ _INSERT_RETURNING = {model: insert(model.__table__).returning(*model.__table__.c
                      for model in (Appointment, AppointmentResource, Patient, PatientIdentifier)}
 _SET_FILLER_ID = (update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
                   .values(filler_id=bindparam("new_filler_id")))
-# with the owner's merged_into_id: an unmerged owner (nearly all) needs no load of its own
+# with the owner's row: an unmerged owner (nearly all) needs no load of its own, and a caller
+# comparing the patient with a message's record then finds it in the session
 _IDENTIFIER_OWNERS = (
-    select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value,
-           PatientIdentifier.patient_id, Patient.merged_into_id)
+    select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value, Patient)
     .join(Patient, Patient.id == PatientIdentifier.patient_id)
     .where(tuple_(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value)
            .in_(bindparam("keys", expanding=True)))
@@ -187,9 +187,14 @@ def _insert_row(session: Session, row_object: Any) -> None:
     row = session.connection().execute(_INSERT_RETURNING[state.class_], values).one()
     if state.pending:
         session.expunge(row_object)
+    _as_stored(session, row_object, row)
+
+
+def _as_stored(session: Session, row_object: Any, row: Any) -> None:
+    """Make the transient ``row_object`` the persistent instance of the ``row`` just inserted."""
     # every column as stored, defaults included; then it is the loaded, clean row of a
     # persistent object, exactly as if the session had flushed it (what the ORM loader does)
-    state.dict.update(row._mapping)
+    inspect(row_object).dict.update(row._mapping)
     make_transient_to_detached(row_object)
     session.add(row_object)
 
@@ -1393,11 +1398,16 @@ class Scheduler:
             patient.updated_at = now
             if created:
                 _insert_row(session, patient)
+                # one INSERT for all of them; the rows come back in no promised order
+                keys = list(dict.fromkeys((i.authority, i.type_code, i.value) for i in record.identifiers))
+                stored = {(row.authority, row.type_code, row.value): row for row in session.connection().execute(
+                    _INSERT_RETURNING[PatientIdentifier],
+                    [{"patient_id": patient.id, "authority": authority, "type_code": type_code, "value": value}
+                     for authority, type_code, value in keys])}
                 identifiers = []
-                for key in dict.fromkeys((i.authority, i.type_code, i.value) for i in record.identifiers):
-                    identifier = PatientIdentifier(patient_id=patient.id, authority=key[0], type_code=key[1],
-                                                   value=key[2])
-                    _insert_row(session, identifier)
+                for key in keys:
+                    identifier = PatientIdentifier()
+                    _as_stored(session, identifier, stored[key])
                     identifiers.append(identifier)
                 set_committed_value(patient, "identifiers", identifiers)  # so the returned patient lists them
             else:
@@ -1418,30 +1428,35 @@ class Scheduler:
 
     @staticmethod
     def _patient_by_identifiers(session: Session, identifiers) -> Optional[Patient]:
-        ids = Scheduler._patient_ids(session, identifiers)
-        return session.get(Patient, ids[0]) if ids else None
+        patients, _held = Scheduler._named_patients(session, identifiers)
+        return patients[0] if patients else None
 
     @staticmethod
     def _patient_ids(session: Session, identifiers) -> list[int]:
         """The (surviving) patients the identifiers name, in identifier order, one query."""
+        return [patient.id for patient in Scheduler._named_patients(session, identifiers)[0]]
+
+    @staticmethod
+    def _named_patients(session: Session, identifiers) -> tuple[list[Patient], set[tuple[str, str, str]]]:
+        """The (surviving) patients the identifiers name, in identifier order, loaded by one
+        query; and the ``(authority, type_code, value)`` of those identifiers the first of
+        them holds itself (not through a patient merged into it)."""
         keys = [(i.authority, i.type_code, i.value) for i in identifiers]
         if not keys:
-            return []
-        owner_of = {(authority, type_code, value): (patient_id, merged_into_id)
-                    for authority, type_code, value, patient_id, merged_into_id
-                    in session.execute(_IDENTIFIER_OWNERS, {"keys": keys})}
-        found: list[int] = []
+            return [], set()
+        owner_of = {(authority, type_code, value): patient
+                    for authority, type_code, value, patient in session.execute(_IDENTIFIER_OWNERS, {"keys": keys})}
+        found: list[Patient] = []
         for key in keys:
-            owner = owner_of.get(key)
-            if owner is None:
+            patient = owner_of.get(key)
+            if patient is None:
                 continue
-            patient_id, merged_into_id = owner
-            while merged_into_id:
-                patient = session.get(Patient, merged_into_id)
-                patient_id, merged_into_id = patient.id, patient.merged_into_id
-            if patient_id not in found:
-                found.append(patient_id)
-        return found
+            while patient.merged_into_id:
+                patient = session.get(Patient, patient.merged_into_id)
+            if all(patient is not other for other in found):
+                found.append(patient)
+        held = {key for key, owner in owner_of.items() if owner is found[0]} if found else set()
+        return found, held
 
     def find_patient(self, identifiers) -> Optional[Patient]:
         with self.sessions() as session:
@@ -1451,6 +1466,13 @@ class Scheduler:
         """Every patient any of the identifiers names: more than one means a merge is due."""
         with self.sessions() as session:
             return self._patient_ids(session, identifiers)
+
+    def named_patients(self, identifiers) -> tuple[list[Patient], set[tuple[str, str, str]]]:
+        """``patients_named_by``'s patients as rows, and which of the identifiers (as
+        ``(authority, type_code, value)``) the first of them already holds: one query
+        for a caller about to compare them with a record (``register_patient(named=)``)."""
+        with self.sessions() as session:
+            return self._named_patients(session, identifiers)
 
     def record_coverage(self, patient_id: int, record: CoverageRecord, actor: Actor, *,
                         found: Any = _NOT_LOOKED_UP) -> Coverage:

@@ -752,33 +752,29 @@ def _owners(ctx: _Context, identifiers: list[Identifier]) -> list[int]:
     return ctx.scheduler.patients_named_by(identifiers)
 
 
-def _unchanged(ctx: _Context, patient_id: int, record: PatientRecord) -> bool:
-    with ctx.scheduler.sessions() as session:
-        patient = session.get(Patient, patient_id)
-        if patient is None:
+def _unchanged(patient: Patient, held: set[tuple[str, str, str]], record: PatientRecord) -> bool:
+    """Whether registering ``record`` would change nothing: every field it gives is the
+    patient's already, and the patient holds (``held``) each of its identifiers."""
+    for name in record.__dataclass_fields__:
+        if name == "identifiers":
+            continue
+        value = getattr(record, name)
+        if value is not None and getattr(patient, name) != value:
             return False
-        ctx.hold(patient)
-        for name in record.__dataclass_fields__:
-            if name == "identifiers":
-                continue
-            value = getattr(record, name)
-            if value is not None and getattr(patient, name) != value:
-                return False
-        # the relationship, which register_patient would load next
-        known = {(i.authority, i.type_code, i.value) for i in patient.identifiers}
-    return all((i.authority, i.type_code, i.value) in known for i in record.identifiers)
+    return all((i.authority, i.type_code, i.value) in held for i in record.identifiers)
 
 
 def _register(ctx: _Context, pid: Segment, record: PatientRecord) -> int:
     """Create or update the patient; returns our patient id."""
-    owners = _owners(ctx, record.identifiers)
+    owners, held = ctx.scheduler.named_patients(record.identifiers)
     if len(owners) > 1:
-        raise ctx.fail(205, f"PID-3 names patients {', '.join(map(str, owners))}, whom this schedule holds "
-                            f"separately (a merge, A40, is needed first)", pid, 3)
-    if owners and _unchanged(ctx, owners[0], record):
-        return owners[0]
+        raise ctx.fail(205, f"PID-3 names patients {', '.join(str(o.id) for o in owners)}, whom this schedule "
+                            f"holds separately (a merge, A40, is needed first)", pid, 3)
+    if owners and _unchanged(owners[0], held, record):
+        ctx.hold(owners[0])
+        return owners[0].id
     with ctx.engine_call(pid, 3):
-        patient = ctx.scheduler.register_patient(record, ctx.actor, named=owners)
+        patient = ctx.scheduler.register_patient(record, ctx.actor, named=[o.id for o in owners])
     ctx.hold(patient)
     return patient.id
 
