@@ -103,12 +103,20 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads), from /proc; None elsewhere."""
+    """User + system CPU seconds of a process and its live children (the daemon's
+    applier process), all threads, from /proc; None elsewhere."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children.update(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            pass
+    return own + sum(process_cpu_seconds(child) or 0.0 for child in children)
 
 
 # --- sockets -------------------------------------------------------------------------------
@@ -304,7 +312,7 @@ def start_py_spy(pid: int, output: Path, *, rate: int = 250, fmt: str = "raw") -
         print("py-spy not found: pip install py-spy (profile skipped)", file=sys.stderr)
         return None
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", fmt,
-                             "--output", str(output), "--threads", "--nonblocking"],
+                             "--output", str(output), "--threads", "--subprocesses", "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -6,12 +6,17 @@ figures.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # what /metrics and the console show: this registry, or more (the daemon's child process)
+        self.exposed = self.registry
         r = self.registry
         self.plugin_errors = Counter(
             "slotengine_plugin_errors_total", "Plugin hook calls that raised", ["plugin", "hook"], registry=r
@@ -52,3 +57,31 @@ class Metrics:
         self.storage_failures = Counter(
             "slotengine_storage_failures_total", "Messages that could not be stored", ["feed"], registry=r
         )
+
+
+class CombinedRegistry:
+    """A registry's metrics merged with families reported by another process.
+
+    Same-named families become one (Prometheus refuses a name twice); samples
+    with the same labels are added, except ``_created`` timestamps."""
+
+    def __init__(self, own: CollectorRegistry, others: Callable[[], Iterable[Metric]]):
+        self.own = own
+        self.others = others
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for family in [*self.own.collect(), *self.others()]:
+            found = merged.get(family.name)
+            if found is None:
+                found = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            index = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(found.samples)}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in index:
+                    index[key] = len(found.samples)
+                    found.samples.append(sample)
+                elif not sample.name.endswith("_created"):
+                    kept = found.samples[index[key]]
+                    found.samples[index[key]] = kept._replace(value=kept.value + sample.value)
+        return list(merged.values())

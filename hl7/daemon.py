@@ -28,11 +28,12 @@ from engine.clock import SystemClock
 from engine.db import make_engine, make_session_factory
 from engine.errors import SchedulingError
 from engine.jobs import build_job_scheduler, make_context
-from engine.metrics import Metrics
+from engine.metrics import CombinedRegistry, Metrics
 from engine.models import InboundMessage
 from engine.plugin_host import PluginHost
 from engine.schema import SchemaOutOfDate, current_revision, ensure_current, upgrade
 from engine.service import EngineSettings, Scheduler
+from hl7.applier import ApplierProcess
 from hl7.config import Config, load_config
 from hl7.filler import FillerSettings
 from hl7.httpd import HttpEndpoint
@@ -40,7 +41,7 @@ from hl7.listener import Listener, OutcomeWaiters, feed_runtime
 from hl7.logs import configure_logging, set_level
 from hl7.mirror import MirrorRequests, request_owners
 from hl7.outbound import OutboundDispatcher, OutboundSettings, OutboundSIU
-from hl7.processor import FeedPolicy, Processor
+from hl7.processor import FeedPolicy
 from hl7.store import RECEIVED, GroupCommitter, Inbox, MessageStore
 
 log = logging.getLogger("slotengine.daemon")
@@ -59,6 +60,11 @@ def engine_settings(config: Config) -> EngineSettings:
         owner_answer_timeout=timedelta(minutes=clinic.owner_answer_minutes),
         default_timezone=clinic.timezone,
     )
+
+
+def feed_policies(config: Config, outbound_settings: OutboundSettings) -> dict[str, FeedPolicy]:
+    filler = FillerSettings(outbound=outbound_settings)
+    return {feed.name: FeedPolicy(feed.mode, feed.on_error, feed.ack_when, filler) for feed in config.feeds}
 
 
 def build_plugins(config: Config, outbound_settings: OutboundSettings,
@@ -157,16 +163,16 @@ class Daemon:
         self.committer = GroupCommitter(self.store)
         self.committer.start()
         self.waiters = OutcomeWaiters(loop)
-        filler = FillerSettings(outbound=self.outbound_settings)
-        policies = {feed.name: FeedPolicy(feed.mode, feed.on_error, feed.ack_when, filler) for feed in self.config.feeds}
-        self.processor = Processor(self.scheduler, self.store, policies, self.metrics,
-                                   on_outcomes=self.waiters.resolve_threadsafe)
-        self.processor.start()
+        self.applier = ApplierProcess(self.config, on_outcomes=self.waiters.resolve_threadsafe,
+                                      wake_outbound=lambda: self.dispatcher.wake(),
+                                      new_messages=self.store.new_messages)
+        self.metrics.exposed = CombinedRegistry(self.metrics.registry, self.applier.families)
         self.dispatcher = OutboundDispatcher(self.sessions, self.config.destinations,
                                              settings=self.outbound_settings, clock=self.clock, metrics=self.metrics,
                                              scheduler=self.scheduler)
         self.outbound.notify = self.mirror_requests.notify = self.dispatcher.wake
         self.dispatcher_task = loop.create_task(self.dispatcher.run(), name="outbound")
+        await loop.run_in_executor(None, self.applier.start)
         for feed in self.config.feeds:
             listener = Listener(feed_runtime(feed), self.committer, self.store, self.waiters, self.metrics, self.clock)
             await listener.start()
@@ -174,7 +180,7 @@ class Daemon:
         http = self.config.http
         token = http.read_token()
         self.http = HttpEndpoint(http.listen.host, http.listen.port, token=token.decode() if token else None, health=self.health,
-                                 metrics=lambda: generate_latest(self.metrics.registry))
+                                 metrics=lambda: generate_latest(self.metrics.exposed))
         for method, path, handler, _plugin in self.plugins.http_routes():
             self.http.add_route(method, path, handler)
         self.console = self._console() if self.config.console.enabled else None
@@ -197,7 +203,7 @@ class Daemon:
             config=self.config, sessions=self.sessions, clock=self.clock, plugins=self.plugins, metrics=self.metrics,
             started_at=self.clock.now(),
             feed_activity=lambda now: {l.feed.name: l.activity(now) for l in self.listeners},
-            destination_status=self.dispatcher.status, job_rows=self._job_rows, stuck_calls=self.plugins.stuck_calls,
+            destination_status=self.dispatcher.status, job_rows=self._job_rows, stuck_calls=self.stuck_calls,
             wake_processor=self.store.new_messages.set, wake_dispatcher=self.dispatcher.wake)
         return ConsoleApp(runtime, redaction_key=self.config.logging.read_redaction_key())
 
@@ -215,6 +221,10 @@ class Daemon:
 
     # --- health ------------------------------------------------------------------
 
+    def stuck_calls(self) -> list[dict[str, Any]]:
+        """Plugin calls running too long, here and in the applier process."""
+        return self.plugins.stuck_calls() + self.applier.stuck_calls
+
     def health(self) -> tuple[bool, dict]:
         detail: dict[str, Any] = {"listeners": {l.feed.name: l.server is not None and l.server.is_serving()
                                                 for l in self.listeners}}
@@ -230,11 +240,11 @@ class Daemon:
         storage_ok = self.store.last_failure is None or self.store.probe()
         detail["storage"] = "ok" if storage_ok else f"failing: {self.store.last_failure}"
         detail["outbound"] = self.dispatcher.status()
-        stuck = self.plugins.stuck_calls()
+        stuck = self.stuck_calls()
         if stuck:
             detail["stuck_plugins"] = stuck
-        if self.processor.last_error:
-            detail["processing"] = f"failing: {self.processor.last_error}"
+        if self.applier.last_error:
+            detail["processing"] = f"failing: {self.applier.last_error}"
         ok = detail["database"] == "ok" and storage_ok and all(detail["listeners"].values())
         detail["status"] = "ready" if ok else "unavailable"
         return ok, detail
@@ -263,6 +273,7 @@ class Daemon:
             log.error("reload refused; configuration unchanged", extra={"error": str(exc)[:2000]})
             return
         set_level(fresh.logging.level)
+        self.applier.reload(fresh.logging.level, fresh.plugins.settings)
         try:
             self.plugins.configure(fresh.plugins.settings, self.context)
         except Exception as exc:  # noqa: BLE001
@@ -295,7 +306,7 @@ class Daemon:
         except Exception:  # noqa: BLE001 - not started
             pass
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.processor.stop, grace)
+        await loop.run_in_executor(None, self.applier.stop, grace)
         await self.dispatcher.stop(grace)
         await self.dispatcher_task
         await loop.run_in_executor(None, self.plugins.stop_notifications, 1.0)
@@ -319,8 +330,8 @@ async def serve(config: Config) -> int:
 
 
 def run(config: Config) -> int:
-    # The listener's event loop shares the GIL with the processor thread; a short
-    # switch interval keeps ACKs from queueing behind a long apply.
+    # The listener's event loop shares the GIL with the store, dispatcher, job and
+    # notifier threads; a short switch interval keeps ACKs from queueing behind them.
     sys.setswitchinterval(0.0005)
     configure_logging(config.logging.level, redaction_key=config.logging.read_redaction_key())
     return asyncio.run(serve(config))

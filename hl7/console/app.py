@@ -340,7 +340,7 @@ class ConsoleApp:
     def page_system(self, ctx: Context, _rest: str) -> Response:
         runtime = self.runtime
         plugins = runtime.plugins.plugin_rows()
-        figures = data.hook_figures(runtime.metrics.registry)
+        figures = data.hook_figures(runtime.metrics.exposed)
         return self._page(ctx, "system.html", title="Plugins and jobs", nav="system", plugins=plugins, figures=figures,
                           jobs=runtime.job_rows(), stuck=runtime.stuck_calls())
 
