@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, Iterator, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, delete, exists, insert, inspect, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, exists, insert, inspect, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import make_transient_to_detached
@@ -114,12 +114,22 @@ _SET_FILLER_ID = (update(Appointment.__table__).where(Appointment.__table__.c.id
                   .values(filler_id=bindparam("new_filler_id")))
 # with the owner's row: an unmerged owner (nearly all) needs no load of its own, and a caller
 # comparing the patient with a message's record then finds it in the session
-_IDENTIFIER_OWNERS = (
-    select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value, Patient)
-    .join(Patient, Patient.id == PatientIdentifier.patient_id)
-    .where(tuple_(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value)
-           .in_(bindparam("keys", expanding=True)))
-)
+_IDENTIFIER_OWNERS: dict[int, Any] = {}
+
+
+def _identifier_owners(count: int):
+    """The owners of ``count`` identifiers: an OR of equalities, which both databases
+    answer from the (authority, type_code, value) index; SQLite scans the whole table
+    for a row-value IN (VALUES …), which grew with every patient."""
+    statement = _IDENTIFIER_OWNERS.get(count)
+    if statement is None:
+        statement = _IDENTIFIER_OWNERS[count] = (
+            select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value, Patient)
+            .join(Patient, Patient.id == PatientIdentifier.patient_id)
+            .where(or_(*(and_(PatientIdentifier.authority == bindparam(f"a{n}"),
+                              PatientIdentifier.type_code == bindparam(f"t{n}"),
+                              PatientIdentifier.value == bindparam(f"v{n}")) for n in range(count)))))
+    return statement
 _NOT_LOOKED_UP = object()
 #: (by placer id?, by filler id?) → the appointment either names, the oldest first
 _BY_EXTERNAL_IDS = {
@@ -1445,7 +1455,9 @@ class Scheduler:
         if not keys:
             return [], set()
         owner_of = {(authority, type_code, value): patient
-                    for authority, type_code, value, patient in session.execute(_IDENTIFIER_OWNERS, {"keys": keys})}
+                    for authority, type_code, value, patient in session.execute(
+                        _identifier_owners(len(keys)),
+                        {f"{part}{n}": key[i] for n, key in enumerate(keys) for i, part in enumerate("atv")})}
         found: list[Patient] = []
         for key in keys:
             patient = owner_of.get(key)

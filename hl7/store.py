@@ -294,9 +294,12 @@ def _rows_by_key(db: sqlite3.Connection, table: str, keys: list[tuple[str, str]]
         chunk = keys[start:start + _KEYS_PER_QUERY]
         values = ", ".join("(?, ?)" for _ in chunk)
         params = tuple(part for key in chunk for part in key)
+        # a join, not "(sender, control_id) IN (VALUES …)": SQLite scans the whole table for that
         for message_id, sender, control_id, status, ack, digest in db.execute(
-                f"SELECT id, sender, control_id, status, ack, content_hash FROM {table} "
-                f"WHERE (sender, control_id) IN (VALUES {values})", params):
+                f"WITH wanted(sender, control_id) AS (VALUES {values}) "
+                f"SELECT t.id, t.sender, t.control_id, t.status, t.ack, t.content_hash "
+                f"FROM wanted JOIN {table} AS t ON t.sender = wanted.sender AND t.control_id = wanted.control_id",
+                params):
             found[(sender, control_id)] = (message_id, status, ack, digest)
     return found
 
