@@ -30,7 +30,12 @@ from engine.metrics import Metrics
 log = logging.getLogger("slotengine.applier")
 
 STATE_EVERY_SECONDS = 0.5
-RESTART_AFTER_SECONDS = 1.0
+#: A child that dies again and again is restarted ever later, up to this.
+MAX_RESTART_SECONDS = 30.0
+
+
+class ApplierFailed(Exception):
+    """The child could not start (the message says why: database, plugins, configuration)."""
 
 
 class ApplierProcess:
@@ -46,16 +51,22 @@ class ApplierProcess:
         self._stopping = threading.Event()
         self._send_lock = threading.Lock()
         self._ready = threading.Event()
+        self._startup_error: Optional[str] = None
+        self._restart_after = 1.0
         self._process = None
         self._conn = None
 
     # --- parent side -----------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start the child and wait until it applies; ``ApplierFailed`` says why it could not."""
         self._spawn()
+        if not self._ready.wait(timeout) or self._startup_error:
+            self._stopping.set()
+            reason = self._startup_error or f"not ready within {timeout:.0f} s"
+            self.stop(5.0)
+            raise ApplierFailed(f"the applier process could not start: {reason}")
         threading.Thread(target=self._forward_wakes, name="applier-wake", daemon=True).start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError(f"the applier process did not start within {timeout:.0f} s: {self.last_error or ''}")
 
     def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no locks or threads copied by fork
@@ -81,15 +92,18 @@ class ApplierProcess:
                 self.last_error, self.stuck_calls, self._families = payload
             elif kind == "ready":
                 self._ready.set()
+                self._restart_after = 1.0
             elif kind == "failed":
-                self.last_error = payload
+                self.last_error = self._startup_error = payload
+                self._ready.set()
         process.join()
         if self._stopping.is_set():
             return
         self.last_error = f"applier process exited with code {process.exitcode}; restarting"
-        log.error("applier process exited; restarting", extra={"exit_code": process.exitcode})
-        time.sleep(RESTART_AFTER_SECONDS)
-        if not self._stopping.is_set():
+        log.error("applier process exited; restarting", extra={"exit_code": process.exitcode,
+                                                                 "restart_in_seconds": self._restart_after})
+        if not self._stopping.wait(self._restart_after):
+            self._restart_after = min(self._restart_after * 2, MAX_RESTART_SECONDS)
             self._spawn()
 
     def _forward_wakes(self) -> None:

@@ -33,7 +33,7 @@ from engine.models import InboundMessage
 from engine.plugin_host import PluginHost
 from engine.schema import SchemaOutOfDate, current_revision, ensure_current, upgrade
 from engine.service import EngineSettings, Scheduler
-from hl7.applier import ApplierProcess
+from hl7.applier import ApplierFailed, ApplierProcess
 from hl7.config import Config, load_config
 from hl7.filler import FillerSettings
 from hl7.httpd import HttpEndpoint
@@ -172,7 +172,10 @@ class Daemon:
                                              scheduler=self.scheduler)
         self.outbound.notify = self.mirror_requests.notify = self.dispatcher.wake
         self.dispatcher_task = loop.create_task(self.dispatcher.run(), name="outbound")
-        await loop.run_in_executor(None, self.applier.start)
+        try:
+            await loop.run_in_executor(None, self.applier.start)
+        except ApplierFailed as exc:
+            raise StartupError(str(exc)) from None
         for feed in self.config.feeds:
             listener = Listener(feed_runtime(feed), self.committer, self.store, self.waiters, self.metrics, self.clock)
             await listener.start()
