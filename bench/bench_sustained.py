@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ingest import generate  # noqa: E402
-from common import Daemon, DaemonSettings, machine_info, machine_line, percentile, print_table  # noqa: E402
+from common import Daemon, DaemonSettings, child_pids, machine_info, machine_line, percentile, print_table  # noqa: E402
 
 from hl7.client import MLLPClient, check_ack  # noqa: E402
 
@@ -31,10 +31,15 @@ CONNECTIONS = 4
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of the daemon and its children (the applier process)."""
+    total = 0.0
+    for process in (pid, *child_pids(pid)):
+        try:
+            lines = Path(f"/proc/{process}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:")), 0.0)
+    return total or float("nan")
 
 
 def main() -> int:

@@ -110,13 +110,18 @@ def process_cpu_seconds(pid: int) -> float | None:
         own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+    return own + sum(process_cpu_seconds(child) or 0.0 for child in child_pids(pid))
+
+
+def child_pids(pid: int) -> set[int]:
+    """The live children of a process (the daemon's applier and multiprocessing's tracker), from /proc."""
     children = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             children.update(int(c) for c in (task / "children").read_text().split())
         except (OSError, ValueError):
             pass
-    return own + sum(process_cpu_seconds(child) or 0.0 for child in children)
+    return children
 
 
 # --- sockets -------------------------------------------------------------------------------

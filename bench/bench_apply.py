@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Applying HL7 messages to the schedule, in-process: what one message costs.
+
+    python bench/bench_apply.py                     # 3,000 of bench_ingest's messages
+    python bench/bench_apply.py --messages 1500 --profile       # cProfile, our functions first
+    python bench/bench_apply.py --fingerprint before.txt        # every table, run times masked
+
+No sockets, no daemon: ``hl7.mapping.apply_message`` over the messages
+``bench_ingest`` generates (the demo clinic; A04, A08, S12, S13, S15), 50 per
+transaction and a savepoint per message, as the applier process runs them,
+each arm on a fresh SQLite file (synchronous=FULL).  Two arms in one run:
+
+- **all plugins**: every built-in plugin, configured as in the demo, their
+  after-commit notices run inline;
+- **baseline, no plugins**: the same messages through the engine alone.
+
+Reports CPU ms and SQL statements per message, messages per second, and the
+ratio; ``--fingerprint FILE`` writes every table of the all-plugins arm (times
+of the run masked) so that two commits can be compared row for row (``cmp``)
+when a change must not change the data.  ``bench_ingest.py`` measures the
+whole daemon; this isolates the apply path it is bound by.
+
+Prints a table, then one JSON line (``BENCH {...}``).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import re
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_ingest import generate  # noqa: E402
+from common import DaemonSettings, machine_info, machine_line, print_table, source_revision  # noqa: E402
+from sqlalchemy import event, inspect, text  # noqa: E402
+
+from engine.clock import SystemClock  # noqa: E402
+from engine.db import make_session_factory  # noqa: E402
+from engine.jobs import make_context  # noqa: E402
+from engine.metrics import Metrics  # noqa: E402
+from engine.plugin_host import PluginHost  # noqa: E402
+from engine.service import Scheduler  # noqa: E402
+from hl7.config import load_config  # noqa: E402
+from hl7.daemon import build_plugins, engine_settings, prepare_database  # noqa: E402
+from hl7.mapping import apply_message  # noqa: E402
+from hl7.message import parse  # noqa: E402
+from hl7.outbound import OutboundSettings  # noqa: E402
+
+PER_TRANSACTION = 50
+
+
+def run_arm(raws: list[bytes], *, plugins: bool, workdir: Path, profile: bool = False,
+            fingerprint: Path | None = None) -> dict:
+    config = load_config(DaemonSettings(workdir, f"sqlite:///{workdir}/apply.db", log_level="WARNING").write())
+    engine = prepare_database(config.database.url, config.database.pool_size, config.clinic.data)
+    sessions = make_session_factory(engine)
+    metrics = Metrics()
+    host = build_plugins(config, OutboundSettings(default_timezone=config.clinic.timezone), metrics)[0] \
+        if plugins else PluginHost(builtins=(), discover=False, metrics=metrics)
+    scheduler = Scheduler(sessions, plugins=host, clock=SystemClock(), settings=engine_settings(config))
+    make_context(scheduler, plugin_settings=config.plugins.settings if plugins else {}, metrics=metrics)
+    statements = [0]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(*_args):
+        statements[0] += 1
+
+    profiler = cProfile.Profile() if profile else None
+    failed = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if profiler:
+        profiler.enable()
+    for first in range(0, len(raws), PER_TRANSACTION):
+        views = []
+        with sessions() as session, session.begin():
+            for raw in raws[first:first + PER_TRANSACTION]:
+                view = scheduler.within(session)
+                savepoint = session.begin_nested()
+                try:
+                    apply_message(view, parse(raw), mode="mirror", message_id=None)
+                except Exception:  # noqa: BLE001 - counted: a benchmark of failures is no benchmark
+                    savepoint.rollback()
+                    failed += 1
+                else:
+                    savepoint.commit()
+                    views.append(view)
+        for view in views:
+            view.notify_committed()
+    if profiler:
+        profiler.disable()
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    with sessions() as session:
+        counts = {table: session.scalar(text(f"select count(*) from {table}"))
+                  for table in ("patients", "appointments", "audit", "reservations", "plugin_tasks", "outbox")}
+    if fingerprint is not None:
+        write_fingerprint(engine, sessions, fingerprint)
+    engine.dispose()
+    result = {"messages": len(raws), "failed": failed, "seconds": round(seconds, 3),
+              "per_s": round(len(raws) / seconds, 1), "cpu_ms": round(cpu / len(raws) * 1000, 2),
+              "statements": round(statements[0] / len(raws), 1), "counts": counts}
+    if profiler:
+        result["profile"] = profiler
+    return result
+
+
+_TIMESTAMP = re.compile(r"20\d\d-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?(\+00:00)?")
+
+
+def write_fingerprint(engine, sessions, path: Path) -> None:
+    """Every row of every table, sorted; timestamps within ten minutes of now (stamped
+    by the run's clock) masked, the appointments' own times kept."""
+    now = datetime.now(timezone.utc)
+
+    def masked(value) -> str:
+        shown = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+        def mask(match: re.Match) -> str:
+            moment = datetime.fromisoformat(match.group(0).replace(" ", "T"))
+            moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+            return "<now>" if abs((moment - now).total_seconds()) < 600 else match.group(0)
+        return _TIMESTAMP.sub(mask, shown)
+
+    with sessions() as session, open(path, "w") as out:
+        for table in sorted(inspect(engine).get_table_names()):
+            rows = session.execute(text(f"select * from {table}")).all()
+            out.write(f"== {table} {len(rows)}\n")
+            out.writelines(line + "\n" for line in sorted(json.dumps([masked(v) for v in row]) for row in rows))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--quick", action="store_true", help="1,000 messages")
+    ap.add_argument("--full", action="store_true", help="accepted for run_all.py; the default is the full run")
+    ap.add_argument("--seed", type=int, default=20260601)
+    ap.add_argument("--profile", action="store_true", help="cProfile the all-plugins arm")
+    ap.add_argument("--fingerprint", type=Path, metavar="FILE", help="write the all-plugins arm's tables here")
+    args = ap.parse_args()
+    count = 1000 if args.quick else args.messages
+    raws = [item.raw for item in generate(count, seed=args.seed)]
+    info = machine_info()
+    with tempfile.TemporaryDirectory(prefix="bench-apply-") as work:
+        (Path(work) / "base").mkdir()
+        (Path(work) / "all").mkdir()
+        baseline = run_arm(raws, plugins=False, workdir=Path(work) / "base")
+        measured = run_arm(raws, plugins=True, workdir=Path(work) / "all", profile=args.profile,
+                           fingerprint=args.fingerprint)
+    print(f"\nslotengine apply bench: {count:,} of bench_ingest's messages, {PER_TRANSACTION} per transaction, "
+          f"SQLite synchronous=FULL, in-process")
+    print(machine_line(info))
+    revision = source_revision()
+    print(f"source: commit {revision['commit']}{' (uncommitted changes)' if revision['dirty'] else ''}")
+    rows = [[name, f"{arm['per_s']:,.1f}", f"{arm['cpu_ms']:.2f}", f"{arm['statements']:.1f}", str(arm["failed"])]
+            for name, arm in (("all built-in plugins", measured), ("baseline: no plugins", baseline))]
+    print()
+    print_table(["arm", "msg/s", "CPU ms/msg", "statements/msg", "failed"], rows)
+    ratio = round(measured["cpu_ms"] / baseline["cpu_ms"], 2)
+    print(f"\nplugins / no plugins: CPU per message x{ratio}; rows written (all plugins): {measured['counts']}")
+    if args.fingerprint:
+        print(f"tables written to {args.fingerprint} (compare two commits with cmp)")
+    profiler = measured.pop("profile", None)
+    if profiler is not None:
+        print()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"slotengine|/engine/|/hl7/|/plugins/", 40)
+    print("BENCH " + json.dumps({"bench": "apply", "machine": info, "source": revision, "messages": count,
+                                 "all_plugins": measured, "baseline": baseline, "cpu_ratio": ratio}, sort_keys=True))
+    return 0 if not (measured["failed"] or baseline["failed"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
