@@ -15,8 +15,9 @@ the database (``<database>-inbox``).  SQLite has a single writer per file, and
 the writer applying messages holds the database's for whole batches; with
 receipts in the database, every acknowledgement would wait for the batch in
 flight.  The processor moves inbox rows into ``inbound_messages`` inside its
-apply transaction and deletes them from the inbox only after that commit, so
-a crash between the two leaves a row in both, which the next move skips.
+apply transaction and only reads the inbox; the receiving side later deletes
+what the database holds, so a crash between the two leaves a row in both,
+which the next move skips.
 PostgreSQL locks rows, not the database, and stores receipts directly.
 """
 from __future__ import annotations
@@ -30,10 +31,11 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -131,7 +133,6 @@ class Inbox:
 
     def __init__(self, database: Path, *, writer: bool = True):
         self.path = inbox_path(database)
-        self.writer = writer
         if writer and not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))  # patient data
         self._lock = threading.Lock()
@@ -172,27 +173,19 @@ class Inbox:
         """The highest id the database holds: everything up to it has moved."""
         return self._schedule.execute("SELECT max(id) FROM inbound_messages").fetchone()[0] or 0
 
-    class _Transaction:
-        def __init__(self, inbox: "Inbox"):
-            self.inbox = inbox
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.inbox._lock.acquire()
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self.inbox._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self.inbox._lock.release()
+                # a failed COMMIT (disk full) leaves the transaction open: end it, or
+                # every later BEGIN fails and storage never recovers
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            return self.inbox._db
-
-        def __exit__(self, kind, _value, _traceback) -> None:
-            try:
-                self.inbox._db.execute("COMMIT" if kind is None else "ROLLBACK")
-            finally:
-                self.inbox._lock.release()
-
-    def _writing(self) -> "Inbox._Transaction":
-        return Inbox._Transaction(self)
 
     def _schedule_rows(self, sql: str, params: tuple) -> list[tuple]:
         with self._lock:
@@ -241,12 +234,7 @@ class Inbox:
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox WHERE id > ? ORDER BY id LIMIT ?",
                                     (after_id, limit)).fetchall()
-        moved = []
-        for row in rows:
-            values = dict(zip(_INBOX_COLUMNS, row))
-            values["received_at"] = datetime.fromisoformat(values["received_at"])
-            moved.append(values)
-        return moved
+        return [_as_message(row) for row in rows]
 
     def depth(self) -> int:
         """Receipts not yet moved into the database."""
@@ -279,13 +267,14 @@ def inbox_rows(url: str) -> list[dict[str, Any]]:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         rows = db.execute(f"SELECT {', '.join(_INBOX_COLUMNS)} FROM inbox WHERE id > ? ORDER BY id",
                           (moved_through,)).fetchall()
-    found = []
-    for row in rows:
-        values = dict(zip(_INBOX_COLUMNS, row))
-        values["received_at"] = datetime.fromisoformat(values["received_at"])
-        values.update(error="", attempts=0)
-        found.append(values)
-    return found
+    return [{**_as_message(row), "error": "", "attempts": 0} for row in rows]
+
+
+def _as_message(row: tuple) -> dict[str, Any]:
+    """An inbox row as the ``inbound_messages`` row it becomes."""
+    values = dict(zip(_INBOX_COLUMNS, row))
+    values["received_at"] = datetime.fromisoformat(values["received_at"])
+    return values
 
 
 def _rows_by_key(db: sqlite3.Connection, table: str, keys: list[tuple[str, str]]) -> dict:

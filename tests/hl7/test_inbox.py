@@ -164,3 +164,37 @@ def test_ids_start_above_what_the_database_already_holds(database):
 def test_no_inbox_for_postgresql_or_memory():
     assert Inbox.for_database("postgresql://postgres@127.0.0.1/test") is None
     assert Inbox.for_database("sqlite://") is None
+
+
+def test_a_failed_commit_leaves_the_inbox_usable(database):
+    """Disk full at COMMIT: the sender gets an error, and the next store works."""
+    path, engine = database
+    store = open_store(path, engine)
+    store.store_batch([incoming("C1")])
+    failing = store.inbox._db
+    store.inbox._db = _FailingCommit(failing)
+    with pytest.raises(sqlite3.OperationalError):
+        store.store_batch([incoming("C2")])
+    store.inbox._db = failing
+    assert not failing.in_transaction
+    assert store.store_batch([incoming("C3")])[0].duplicate is False
+    with sqlite3.connect(inbox_path(path)) as inbox:
+        assert [r[0] for r in inbox.execute("select control_id from inbox order by id")] == ["C1", "C3"]
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails as it does on a full disk."""
+
+    def __init__(self, connection: sqlite3.Connection):
+        self.connection = connection
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.connection.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        return self.connection.executemany(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.connection, name)
