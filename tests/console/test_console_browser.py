@@ -46,9 +46,14 @@ def siu(cid: str, placer: str, pid3: str, *, start: datetime, family: str = "Tes
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the page refreshed itself between find and read
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
