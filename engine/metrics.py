@@ -43,6 +43,10 @@ class Metrics:
             "slotengine_ack_seconds", "Receipt to acknowledgement", ["feed"], registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
+        self.batches_redone = Counter(
+            "slotengine_batches_redone_total",
+            "Batches of inbound messages undone and applied again with savepoints, after a failure", registry=r
+        )
         self.apply_seconds = Histogram(
             "slotengine_apply_seconds", "Time to apply one message", ["feed"], registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),

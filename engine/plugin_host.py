@@ -51,6 +51,23 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: ``session.info`` key: when true, ``slotengine_schedule_changed`` runs without
+#: savepoints and a failing implementation raises ``UnguardedHookFailed``.  For a
+#: caller that can undo its whole transaction and redo it guarded, as the HL7
+#: processor can: savepoints cost two statements for every change.
+UNGUARDED_HOOKS = "slotengine.unguarded_hooks"
+
+
+class UnguardedHookFailed(Exception):
+    """A hook implementation raised while running unguarded: nothing of the
+    transaction may be kept; the caller rolls it back and redoes it guarded."""
+
+    def __init__(self, plugin: str, hook: str):
+        self.plugin = plugin
+        self.hook = hook
+        super().__init__(f"plugin {plugin!r} raised in {hook} while unguarded")
+
+
 class PluginError(Exception):
     """A plugin could not be loaded, registered or configured; names the plugin."""
 
@@ -239,6 +256,9 @@ class PluginHost:
         if not impls:
             return
         kwargs = {"context": self.context, "session": session, **kwargs}
+        if session.info.get(UNGUARDED_HOOKS):
+            self._each_unguarded(impls, hook_name, kwargs)
+            return
         savepoint = session.begin_nested()
         started = time.perf_counter()
         for impl in impls:
@@ -254,6 +274,17 @@ class PluginHost:
             return
         savepoint.rollback()
         self._each_in_own_savepoint(session, impls, hook_name, kwargs)
+
+    def _each_unguarded(self, impls: list, hook_name: str, kwargs: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        for impl in impls:
+            token = self._enter(impl.plugin_name, hook_name, started)
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - logged and counted when the caller redoes it guarded
+                raise UnguardedHookFailed(impl.plugin_name, hook_name) from exc
+            finally:
+                started = self._done(token, impl.plugin_name, hook_name, started)
 
     def _each_in_own_savepoint(self, session: "Session", impls: list, hook_name: str, kwargs: dict[str, Any]) -> None:
         for impl in impls:

@@ -1,0 +1,160 @@
+"""The processor applies a batch unguarded (no savepoints), and redoes it guarded
+when a message fails after writing or a plugin hook raises.
+
+Run on SQLite and PostgreSQL; statements are counted on the real engine.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Iterator
+
+import pytest
+from sqlalchemy import event, select
+
+from engine.metrics import Metrics
+from engine.models import InboundMessage, Patient, PatientIdentifier, PluginTask
+from engine.plugin import hookimpl
+from engine.plugin_host import PluginHost
+from engine.service import Scheduler
+from hl7.processor import GUARDED_SECONDS, FeedPolicy, Processor
+from hl7.store import APPLIED, PARKED, RECEIVED, Incoming, MessageStore, content_hash
+from tests.engine.conftest import DATABASES, database_url
+
+DUE = datetime(2026, 3, 2, 12, tzinfo=timezone.utc)
+MSH = "MSH|^~\\&|EHR|CLINIC|SLOT|SLOT|20260301120000||{type}|{control}|P|2.5.1"
+
+
+def siu(event_: str, control: str, *, mrn: str = "MRN-1", placer: str = "P-1") -> bytes:
+    return "\r".join((
+        MSH.format(type=f"SIU^{event_}^SIU_S12", control=control),
+        f"SCH|{placer}|F-{placer}||||||ROUTINE|20|MIN|^^20^202603031000|||||||||||||Booked",
+        f"PID|1||{mrn}^^^HOSP^MR||Doe^Jane||19800101|F",
+        "RGS|1|A",
+        "AIP|1||DRSMITH^Smith^Ann|D",
+    )).encode()
+
+
+def adt_a04(control: str, mrn: str) -> bytes:
+    return "\r".join((MSH.format(type="ADT^A04^ADT_A01", control=control), "EVN|A04|202603031000",
+                      f"PID|1||{mrn}^^^HOSP^MR||Roe^Rick||19700101|M")).encode()
+
+
+def without_sch(control: str) -> bytes:
+    return "\r".join((MSH.format(type="SIU^S12^SIU_S12", control=control), "PID|1||MRN-9^^^HOSP^MR||Poe^Pat")).encode()
+
+
+@pytest.fixture(params=DATABASES)
+def slotengine_database_url(request, tmp_path) -> Iterator[str]:
+    yield from database_url(request.param, tmp_path)
+
+
+class Harness:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.metrics = Metrics()
+        self.store = MessageStore(scheduler.sessions, self.metrics)
+        self.processor = Processor(scheduler, self.store, {"ehr": FeedPolicy()}, self.metrics)
+        self.savepoints = 0
+        engine = scheduler.sessions.kw["bind"]
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _count(_conn, _cursor, statement, *_args):
+            self.savepoints += statement.startswith("SAVEPOINT")
+
+    def receive(self, *raws: bytes) -> None:
+        now = self.scheduler.clock.now()
+        self.store.store_batch([Incoming("ehr", "EHR^CLINIC", raw.split(b"|")[9].decode(), "", "127.0.0.1", now,
+                                         raw, RECEIVED, None, content_hash(raw)) for raw in raws])
+
+    def apply_all(self) -> None:
+        while self.processor.apply_pending():
+            pass
+
+    def statuses(self) -> list[tuple[str, str]]:
+        with self.scheduler.sessions() as session:
+            return [(m.control_id, m.status) for m in
+                    session.scalars(select(InboundMessage).order_by(InboundMessage.id))]
+
+    def mrns(self) -> set[str]:
+        with self.scheduler.sessions() as session:
+            return set(session.scalars(select(PatientIdentifier.value).join(Patient)))
+
+    @property
+    def redone(self) -> float:
+        return self.metrics.batches_redone._value.get()
+
+
+@pytest.fixture
+def harness(slotengine_scheduler) -> Harness:
+    return Harness(slotengine_scheduler)
+
+
+def test_a_batch_that_succeeds_runs_without_a_savepoint(harness):
+    harness.receive(adt_a04("A1", "MRN-1"), siu("S12", "S1"), adt_a04("A2", "MRN-2"))
+    harness.apply_all()
+    assert harness.statuses() == [("A1", APPLIED), ("S1", APPLIED), ("A2", APPLIED)]
+    assert (harness.savepoints, harness.redone) == (0, 0)
+
+
+def test_a_message_refused_before_writing_is_parked_without_a_redo(harness):
+    harness.receive(adt_a04("A1", "MRN-1"), without_sch("BAD"), adt_a04("A2", "MRN-2"))
+    harness.apply_all()
+    assert harness.statuses() == [("A1", APPLIED), ("BAD", PARKED), ("A2", APPLIED)]
+    assert (harness.savepoints, harness.redone) == (0, 0)
+    assert harness.mrns() == {"MRN-1", "MRN-2"}
+
+
+def test_a_message_failing_after_writing_is_undone_and_the_batch_redone_guarded(harness):
+    # S16 on a cancelled appointment is refused (207), after its new patient MRN-NEW was registered
+    harness.receive(siu("S12", "S1"), siu("S15", "S2"), siu("S16", "S3", mrn="MRN-NEW"), adt_a04("A1", "MRN-2"))
+    harness.apply_all()
+    assert harness.statuses() == [("S1", APPLIED), ("S2", APPLIED), ("S3", PARKED), ("A1", APPLIED)]
+    assert harness.mrns() == {"MRN-1", "MRN-2"}  # nothing of S3 kept
+    assert harness.redone == 1
+    assert harness.savepoints >= 4  # the redo: one per message
+
+    harness.savepoints = 0
+    harness.receive(adt_a04("A2", "MRN-3"))
+    harness.apply_all()
+    assert harness.savepoints == 1, f"batches stay guarded for {GUARDED_SECONDS} s after a redo"
+
+    harness.processor._guarded_until = 0.0  # the quiet minute has passed
+    harness.savepoints = 0
+    harness.receive(adt_a04("A3", "MRN-4"))
+    harness.apply_all()
+    assert (harness.savepoints, harness.redone) == (0, 1)
+
+
+class Planner:
+    """Plans a task for every change: work that must survive another plugin's failure."""
+
+    @hookimpl
+    def slotengine_schedule_changed(self, session, change):
+        session.add(PluginTask(plugin="planner", kind=change.kind, due_at=DUE, status="pending",
+                               appointment_id=change.appointment_id, payload={}, attempts=0, last_error="",
+                               created_at=DUE))
+
+
+class Faulty:
+    @hookimpl
+    def slotengine_schedule_changed(self, session, change):
+        session.add(PluginTask(plugin="faulty", kind=change.kind, due_at=DUE, status="pending",
+                               appointment_id=change.appointment_id, payload={}, attempts=0, last_error="",
+                               created_at=DUE))
+        session.flush()
+        raise RuntimeError("faulty plugin")
+
+
+def test_a_plugin_raising_undoes_only_its_own_work_after_a_redo(slotengine_scheduler):
+    s = slotengine_scheduler
+    plugins = PluginHost(builtins=(), discover=False, extra=[("planner", Planner()), ("faulty", Faulty())])
+    harness = Harness(Scheduler(s.sessions, plugins=plugins, clock=s.clock, settings=s.settings))
+    harness.receive(adt_a04("A1", "MRN-1"), siu("S12", "S1"))
+    harness.apply_all()
+    assert harness.statuses() == [("A1", APPLIED), ("S1", APPLIED)]
+    assert harness.redone == 1
+    with harness.scheduler.sessions() as session:
+        planned = sorted(session.scalars(select(PluginTask.plugin).distinct()))
+        changes = session.scalar(select(PluginTask.id).where(PluginTask.plugin == "planner").limit(1))
+    assert planned == ["planner"] and changes is not None  # the faulty plugin's rows are gone
+    assert harness.scheduler.plugins.metrics.plugin_errors.labels("faulty", "slotengine_schedule_changed")._value.get() >= 1
