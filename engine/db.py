@@ -13,10 +13,11 @@ import stat
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Optional
 
-from sqlalchemy import DateTime, MetaData, create_engine, event
+from sqlalchemy import Connection, DateTime, MetaData, Table, create_engine, event, insert
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -153,7 +154,76 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    event.listen(factory, "after_transaction_create", _transaction_created)
+    event.listen(factory, "before_commit", write_pending_rows)
+    event.listen(factory, "after_rollback", _discard_pending_rows)
+    return factory
+
+
+# --- rows inserted at the transaction's flush points ----------------------------------
+
+#: ``session.info`` key of the transaction's ``_PendingRows``
+_PENDING_ROWS = "slotengine.pending_rows"
+
+
+class _PendingRows:
+    __slots__ = ("connection", "by_table")
+
+    def __init__(self) -> None:
+        self.connection: Optional[Connection] = None
+        self.by_table: dict[Table, list[dict[str, Any]]] = {}
+
+
+def insert_at_flush_point(session: Session, table: Table, row: dict[str, Any]) -> None:
+    """Insert ``row`` at the transaction's next flush point, with the other rows
+    waiting for ``table``: one executemany instead of one INSERT per row.
+
+    The flush points are the beginning of a savepoint and the commit of a savepoint
+    or of the transaction.  A rollback, of a savepoint or of the transaction,
+    discards the waiting rows: as every savepoint's beginning and end is a flush
+    point, all of them were added in the innermost transaction, the one rolled back.
+    Code that reads ``table`` in the same transaction calls ``write_pending_rows``
+    first (a check on every ORM statement would cost more than the batching saves).
+
+    For sessions of ``make_session_factory`` only: they have the flush points."""
+    # the innermost savepoint is now on the database (SQLAlchemy sends its SAVEPOINT with
+    # its first statement): every flush point writes the rows there, on this connection
+    connection = session.connection()
+    pending: _PendingRows = session.info[_PENDING_ROWS]
+    pending.connection = connection
+    pending.by_table.setdefault(table, []).append(row)
+
+
+def write_pending_rows(session: Session) -> None:
+    """Insert the rows waiting for the transaction's next flush point, in the order they came."""
+    pending: Optional[_PendingRows] = session.info.get(_PENDING_ROWS)
+    if pending is None or not pending.by_table:
+        return
+    by_table, pending.by_table = pending.by_table, {}
+    for table, rows in by_table.items():
+        pending.connection.execute(insert(table), rows)
+
+
+def pending_row_count(session: Session) -> int:
+    """How many rows wait for the transaction's next flush point."""
+    pending: Optional[_PendingRows] = session.info.get(_PENDING_ROWS)
+    return sum(map(len, pending.by_table.values())) if pending is not None else 0
+
+
+def _transaction_created(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info[_PENDING_ROWS] = _PendingRows()  # nothing of an earlier transaction is kept
+    elif transaction.nested:
+        # its SAVEPOINT is not on the database yet (SQLAlchemy sends it with the savepoint's
+        # first statement): the rows written here belong to the enclosing transaction, as they must
+        write_pending_rows(session)
+
+
+def _discard_pending_rows(session: Session) -> None:
+    pending: Optional[_PendingRows] = session.info.get(_PENDING_ROWS)
+    if pending is not None:
+        pending.by_table = {}
 
 
 def is_postgresql(engine: Engine) -> bool:

@@ -110,6 +110,7 @@ from sqlalchemy.pool import NullPool
 
 from engine.calendar import zone
 from engine.clock import Clock, SystemClock
+from engine.db import write_pending_rows
 from engine.metrics import Metrics
 from engine.models import (
     Appointment,
@@ -797,6 +798,7 @@ class OutboundSIU:
     @staticmethod
     def _before(session: Session, change: Change) -> dict[str, Any]:
         """The appointment before this change (the audit entry ``_record`` just wrote)."""
+        write_pending_rows(session)
         before = session.scalar(
             select(AuditEntry.before).where(AuditEntry.entity == "appointment",
                                             AuditEntry.entity_id == change.appointment_id,

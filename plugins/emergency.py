@@ -73,6 +73,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from engine.calendar import UNIT_MINUTES, local_to_utc, units, zone
+from engine.db import write_pending_rows
 from engine.errors import InvalidRequest, NotFound, SchedulingError, SlotUnavailable
 from engine.jobs import dispatch_outbox, plan_task, sweep_tasks
 from engine.messaging import address_for, choose_channel, language_of, local_when
@@ -434,6 +435,7 @@ def _moved_today(session: Session, patient_ids: set[int], now: datetime, tz: str
                 EmergencyMove.patient_id.in_(patient_ids), EmergencyMove.status.in_(MOVED),
                 EmergencyMove.applied_at >= midnight)):
         moved[patient_id] = f"already moved today for an urgent request (proposal {proposal_id})"
+    write_pending_rows(session)  # the audit entries of this transaction's moves
     for patient_id, actor, at in session.execute(
             select(Appointment.patient_id, AuditEntry.actor, AuditEntry.at)
             .join(Appointment, Appointment.id == AuditEntry.entity_id)

@@ -88,6 +88,7 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from engine.calendar import local_to_utc, zone
+from engine.db import write_pending_rows
 from engine.errors import InvalidRequest, NotFound, SchedulingError
 from engine.jobs import dispatch_outbox
 from engine.messaging import address_for, choose_channel, describe_for_staff, language_of, local_when, opt_outs
@@ -366,6 +367,7 @@ def estimate_day(session: Session, provider_id: int, tz: str, now: datetime, *, 
     ).order_by(Appointment.start, Appointment.id)))
     reasons: list[str] = []
     in_progress = [a for a in rows if a.status == Status.CHECKED_IN.value]
+    write_pending_rows(session)  # the audit entries of this transaction's check-ins
     started_at = dict(session.execute(
         select(AuditEntry.entity_id, func.max(AuditEntry.at)).where(
             AuditEntry.entity == "appointment", AuditEntry.action == "checked_in",
