@@ -15,8 +15,10 @@ from sqlalchemy.orm import Session
 
 from engine.calendar import zone
 from engine.models import Appointment, Location, Patient, PatientFlag, PatientIdentifier
+from engine.requests import Change
 
 _KEPT = "slotengine.messaging.kept"
+_REGISTERED = "slotengine.messaging.registered"
 # the patient's first MR number, in identifier order (as the loaded relationship lists them)
 _FIRST_MRN = (select(PatientIdentifier.value)
               .where(PatientIdentifier.patient_id == bindparam("patient_id"), PatientIdentifier.type_code == "MR")
@@ -141,16 +143,43 @@ def kept(session: Session, model: type, ident: int) -> Any:
     return row
 
 
+def follow_registrations(session: Session, owner: str, change: Change) -> set[int]:
+    """The patients registered in this transaction, as ``owner`` (a plugin) follows
+    them: its ``slotengine_schedule_changed`` passes every change here first, before
+    any early return, and gets its set back.
+
+    Such a patient had no rows before the transaction, so they have none of a kind
+    (flags, no-shows, referrals) unless the transaction wrote one.  The owner drops
+    from its set each patient it sees such a write for (a change, or a row it writes
+    itself: ``registered_in_transaction``), and need not query for the others.  A
+    merge moves rows between patients: it empties the set."""
+    registered = registered_in_transaction(session, owner)
+    if change.kind == "patient_registered":
+        registered.add(change.detail["patient_id"])
+    elif change.kind == "patients_merged":
+        registered.clear()
+    return registered
+
+
+def registered_in_transaction(session: Session, owner: str) -> set[int]:
+    """``owner``'s set of ``follow_registrations``, kept until the transaction ends or a
+    savepoint in it rolls back."""
+    return session.info.setdefault(_REGISTERED, {}).setdefault(owner, set())
+
+
 @event.listens_for(Session, "after_transaction_end")
-def _forget_kept_at_end(session: Session, transaction) -> None:
+def _forget_at_end(session: Session, transaction) -> None:
     if transaction.parent is None:
         session.info.pop(_KEPT, None)
+        session.info.pop(_REGISTERED, None)
 
 
 @event.listens_for(Session, "after_soft_rollback")
-def _forget_kept_on_rollback(session: Session, _transaction) -> None:
-    """A rolled-back savepoint may have taken a row held here (one it created)."""
+def _forget_on_rollback(session: Session, _transaction) -> None:
+    """A rolled-back savepoint may have taken a row held here (one it created), or a
+    patient registered here (SQLite may give their id again)."""
     session.info.pop(_KEPT, None)
+    session.info.pop(_REGISTERED, None)
 
 
 def _mrn(session: Session, patient: Patient) -> str:

@@ -59,14 +59,16 @@ import logging
 import time as monotonic_time
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Collection, Iterable, Iterator, Optional, Sequence
 
 from sqlalchemy import bindparam, select
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
 
 from engine.calendar import local_to_utc, zone
 from engine.jobs import plan_task, sweep_tasks
-from engine.messaging import describe_for_staff
+from engine.messaging import describe_for_staff, follow_registrations
 from engine.models import (
     Appointment,
     AppointmentSlot,
@@ -92,12 +94,24 @@ BOOKED = ("booked", "overbooked")
 SHOWED = ("arrived", "checked_in", "completed")
 #: Changes after which an appointment's estimate is (re)computed.
 ESTIMATE_ON = ("booked", "held", "rescheduled", "reinstated", "no_show_reversed", "modified")
+#: The statuses of a patient's history that the estimate counts.
+COUNTED = ("no_show", "cancelled")
 MODEL_CACHE_SECONDS = 60.0  # another daemon's refit is seen within this
 _ESTIMATES = ShowEstimate.__table__
 _APPOINTMENTS = Appointment.__table__
 _EVENTS = select(_APPOINTMENTS.c.patient_id, _APPOINTMENTS.c.start, _APPOINTMENTS.c.status,
                  _APPOINTMENTS.c.updated_at).where(_APPOINTMENTS.c.patient_id.in_(bindparam("patient_ids", expanding=True)),
-                                                   _APPOINTMENTS.c.status.in_(("no_show", "cancelled")))
+                                                   _APPOINTMENTS.c.status.in_(COUNTED))
+
+
+def _upsert(dialect) -> Any:
+    insert = dialect.insert(_ESTIMATES)
+    return insert.on_conflict_do_update(index_elements=[_ESTIMATES.c.appointment_id],
+                                        set_={c.name: insert.excluded[c.name] for c in _ESTIMATES.c
+                                              if not c.primary_key})
+
+
+_STORE = {"postgresql": _upsert(pg_dialect), "sqlite": _upsert(sqlite_dialect)}
 
 
 @dataclass(frozen=True)
@@ -235,13 +249,16 @@ def visit_of(appointment_type: str, start: datetime, booked_at: datetime, tz: st
                  *counts)
 
 
-def estimate_appointments(session: Session, context, appointments: Sequence[Any]) -> dict[int, Estimate]:
+def estimate_appointments(session: Session, context, appointments: Sequence[Any], *,
+                          without_history: Collection[int] = ()) -> dict[int, Estimate]:
     """Estimates for appointment rows (``id``, ``patient_id``, ``start``,
     ``created_at``, ``appointment_type``, ``location_id``), with one query for
-    the patients' histories."""
+    the patients' histories -- none for the patients ``without_history`` (no
+    no-shows or cancellations, as the caller knows)."""
     settings = _settings(context)
     _model_id, coefficients = current_model(session, context)
-    events = _patient_events(session, (a.patient_id for a in appointments if a.patient_id is not None))
+    events = _patient_events(session, (a.patient_id for a in appointments
+                                       if a.patient_id is not None and a.patient_id not in without_history))
     result = {}
     for a in appointments:
         counts = _counts(events.get(a.patient_id, ()), a.start, settings.late_cancel)
@@ -250,14 +267,15 @@ def estimate_appointments(session: Session, context, appointments: Sequence[Any]
     return result
 
 
-def _store(session: Session, appointment_id: int, found: Estimate, model_id: Optional[int], now: datetime, *,
-           new: bool = False) -> None:
-    """Write the estimate; ``new``: the appointment was created in this transaction (one INSERT)."""
+def _store(session: Session, appointment_id: int, found: Estimate, model_id: Optional[int], now: datetime) -> None:
+    """Write the estimate: one INSERT, or UPDATE of the one there was; through the
+    session's own copy of that row when it holds one, so that it does not go stale."""
     values = {"probability": round(found.probability, 6), "reasons": found.reasons, "features": found.features,
               "model_id": model_id, "estimated_at": now}
-    row = None if new else session.get(ShowEstimate, appointment_id)
+    row = session.identity_map.get(ShowEstimate.__mapper__.identity_key_from_primary_key((appointment_id,)))
     if row is None:
-        session.connection().execute(_ESTIMATES.insert(), {"appointment_id": appointment_id, **values})
+        session.connection().execute(_STORE[session.get_bind().dialect.name],
+                                     {"appointment_id": appointment_id, **values})
     else:
         for key, value in values.items():
             setattr(row, key, value)
@@ -269,7 +287,10 @@ def _store(session: Session, appointment_id: int, found: Estimate, model_id: Opt
 @hookimpl
 def slotengine_schedule_changed(session: Session, change: Change, context) -> None:
     settings = _settings(context)
-    if settings is None or change.appointment_id is None:
+    if settings is None:
+        return
+    without_history = _registered_without_history(session, change)
+    if change.appointment_id is None:
         return
     now = context.clock.now()
     for verdict in change.detail.get("overbook") or ():
@@ -286,10 +307,20 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
     if appointment is None or appointment.patient_id is None:
         return
     model_id, _coefficients = current_model(session, context)
-    found = estimate_appointments(session, context, [appointment])[appointment.id]
-    _store(session, appointment.id, found, model_id, now, new=change.from_state == "requested")
+    found = estimate_appointments(session, context, [appointment], without_history=without_history)[appointment.id]
+    _store(session, appointment.id, found, model_id, now)
     if appointment.status in BOOKED and found.probability < settings.high_risk_below:
         _plan_high_risk(session, appointment, settings, now)
+
+
+def _registered_without_history(session: Session, change: Change) -> set[int]:
+    """The patients registered in this transaction none of whose appointments it has
+    cancelled or marked a no-show (every change of status passes here): they have no
+    history to count."""
+    registered = follow_registrations(session, NAME, change)
+    if registered and change.appointment_id is not None and change.to_state in COUNTED:
+        registered.discard(session.get(Appointment, change.appointment_id).patient_id)
+    return registered
 
 
 def _plan_high_risk(session: Session, appointment: Appointment, settings: Settings, now: datetime) -> None:

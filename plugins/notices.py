@@ -124,12 +124,13 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
     settings = _settings(context)
     if settings is None or change.appointment_id is None:
         return
+    described = None
     if change.kind in PREPARE_CHANGES and change.to_state in OCCUPIED:
-        _needs(session, change, settings, context)
+        described = _needs(session, change, settings, context)
     if change.kind in BILLING_CHANGES and change.from_state in OCCUPIED:
         appointment = session.get(Appointment, change.appointment_id)
         what = {"rescheduled": "moved", "no_show": "a no-show"}.get(change.kind, change.kind)
-        text = f"{describe_for_staff(session, appointment)} was {what} ({change.actor.label})."
+        text = f"{described or describe_for_staff(session, appointment)} was {what} ({change.actor.label})."
         if change.kind == "rescheduled" and change.detail.get("previous_start"):
             text += f" It was booked for {change.detail['previous_start']} (UTC)."
         if (appointment.eligibility or {}).get("copay") is not None:
@@ -140,14 +141,16 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
         })
 
 
-def _needs(session: Session, change: Change, settings: Settings, context) -> None:
+def _needs(session: Session, change: Change, settings: Settings, context) -> Optional[str]:
+    """Tell the teams that prepare the visit; returns ``describe_for_staff`` of the
+    appointment when it was needed (a move tells billing too)."""
     appointment = session.get(Appointment, change.appointment_id)
     if appointment is None or appointment.patient_id is None:
-        return
+        return None
     patient = session.get(Patient, appointment.patient_id)
     if not (patient.needs_interpreter or patient.mobility or patient.other_needs
             or appointment.appointment_type in settings.labs_before_types):
-        return
+        return None
     moved = " (moved)" if change.kind == "rescheduled" else ""
     what = describe_for_staff(session, appointment)
     notices = []
@@ -166,6 +169,7 @@ def _needs(session: Session, change: Change, settings: Settings, context) -> Non
             "team": team, "subject": subject, "text": text,
             "appointment_id": appointment.id, "patient_id": patient.id,
         })
+    return what
 
 
 def _render(session: Session, items: list[OutboxItem]) -> dict[int, dict[str, Any]]:

@@ -49,7 +49,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from engine.errors import InvalidRequest, NotFound, SchedulingError, SlotUnavailable
-from engine.messaging import kept, local_when
+from engine.messaging import follow_registrations, kept, local_when, registered_in_transaction
 from engine.models import Appointment, Coverage, Location, Patient, Provider, Referral
 from engine.plugin import hookimpl
 from engine.requests import Actor, BookingRequest, Change, SlotQuery
@@ -60,6 +60,8 @@ NAME = "referrals"
 ACTOR = Actor("plugin", NAME)
 OPEN = ("received", "routed", "booked", "waitlisted")
 BOOKED = ("booked", "overbooked", "held")
+#: Changes to a consult that its referral follows.
+FOLLOWED = ("completed", "completion_reversed", "cancelled", "no_show", "discontinued", "deleted", "hold_expired")
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ def record_referral(context, session: Session, referral: dict[str, Any]) -> tupl
     if referral.get("preferred_provider_id"):
         # No column of its own: kept with the first step, where as_dict finds it for the routers.
         row.history = [{**row.history[0], "preferred_provider_id": int(referral["preferred_provider_id"])}]
+    registered_in_transaction(session, NAME).discard(patient.id)  # now a booking may be the one they wait for
     try:
         with session.begin_nested():
             session.add(row)
@@ -443,43 +446,60 @@ _WAITING = (select(Referral)
 
 @hookimpl(trylast=True)
 def slotengine_schedule_changed(session: Session, change: Change, context) -> None:
-    if _settings(context) is None or change.appointment_id is None:
+    if _settings(context) is None:
+        return
+    without_referrals = follow_registrations(session, NAME, change)
+    if change.appointment_id is None:
         return
     now = context.clock.now()
+    if change.kind == "booked" and change.to_state in BOOKED:
+        _link_waiting(context, session, change, without_referrals, now)
+        return
     # routing links a referral to its booking after the booking: an appointment this change
     # created (from "requested") has none yet
-    linked = None if change.from_state == "requested" else \
-        session.scalars(_LINKED, {"appointment_id": change.appointment_id}).first()
-    if change.kind == "booked" and linked is None and change.to_state in BOOKED:
-        appointment = session.get(Appointment, change.appointment_id)
-        if not appointment.provider_id or appointment.patient_id is None \
-                or appointment.reason.startswith("referral "):
-            return  # the routing of another referral booked it
-        provider = kept(session, Provider, appointment.provider_id)
-        if provider is None:
-            return
-        waiting = session.scalars(_WAITING, {"patient_id": appointment.patient_id,
-                                             "specialties": list(provider.specialties or [])}).first()
-        if waiting is not None:
-            waiting.appointment_id, waiting.provider_id = appointment.id, provider.id
-            _step(waiting, "booked", f"appointment {appointment.id} ({change.actor.label})", now)
-            _tell(context, session, waiting, f"Referral {waiting.id}: consult booked",
-                  f"Referral {waiting.id} ({waiting.specialty}) is booked: {_consult(session, appointment)}.")
-    elif linked is None:
+    if change.kind not in FOLLOWED or change.from_state == "requested":
         return
-    elif change.kind == "completed":
+    linked = session.scalars(_LINKED, {"appointment_id": change.appointment_id}).first()
+    if linked is None:
+        return
+    if change.kind == "completed":
         _step(linked, "completed", f"appointment {change.appointment_id} completed", now)
         _tell(context, session, linked, f"Referral {linked.id}: consult completed",
               f"The consult for referral {linked.id} ({linked.specialty}) took place.")
     elif change.kind == "completion_reversed":
         _step(linked, "booked", "completion reversed", now)
-    elif change.kind in ("cancelled", "no_show", "discontinued", "deleted", "hold_expired"):
+    else:
         _step(linked, "routed", f"consult appointment {change.appointment_id} {change.kind}; to be rebooked", now)
         linked.appointment_id = None
         context.plugins.staff_notice(session, {
             "team": "referrals", "subject": f"Referral {linked.id}: consult {change.kind}",
             "text": f"The consult for referral {linked.id} ({linked.specialty}) was {change.kind}; "
                     "the referral is open again.", "patient_id": linked.patient_id})
+
+
+def _link_waiting(context, session: Session, change: Change, without_referrals: set[int], now: datetime) -> None:
+    """The patient's booking with a specialist is the consult of their referral waitlisted
+    for one of the specialist's specialties."""
+    appointment = session.get(Appointment, change.appointment_id)
+    if not appointment.provider_id or appointment.patient_id is None:
+        return
+    if appointment.reason.startswith("referral "):
+        return  # the routing of another referral booked it
+    if appointment.patient_id in without_referrals:
+        return  # registered in this transaction, which recorded no referral for them
+    if change.from_state != "requested" and \
+            session.scalars(_LINKED, {"appointment_id": change.appointment_id}).first() is not None:
+        return  # already a referral's consult (one this change created is not yet)
+    provider = kept(session, Provider, appointment.provider_id)
+    if provider is None or not provider.specialties:
+        return
+    waiting = session.scalars(_WAITING, {"patient_id": appointment.patient_id,
+                                         "specialties": list(provider.specialties)}).first()
+    if waiting is not None:
+        waiting.appointment_id, waiting.provider_id = appointment.id, provider.id
+        _step(waiting, "booked", f"appointment {appointment.id} ({change.actor.label})", now)
+        _tell(context, session, waiting, f"Referral {waiting.id}: consult booked",
+              f"Referral {waiting.id} ({waiting.specialty}) is booked: {_consult(session, appointment)}.")
 
 
 def route_pending(context) -> str:

@@ -60,6 +60,7 @@ from engine.messaging import (
     address_for,
     choose_channel,
     describe_for_staff,
+    follow_registrations,
     language_of,
     local_when,
     opt_outs,
@@ -222,14 +223,17 @@ def _outbox(channel: str, kind: str, due: datetime, appointment: Appointment, no
                       attempts=0, last_error="", created_at=now)
 
 
-def plan_reminders(session: Session, appointment: Appointment, context, *, confirmation: Optional[str] = None) -> int:
+def plan_reminders(session: Session, appointment: Appointment, context, *, confirmation: Optional[str] = None,
+                   declined: Optional[set[str]] = None) -> int:
     """Plan the reminders (and a ``confirmation`` or ``moved`` message) for a booked
-    appointment in the caller's transaction; returns how many were planned."""
+    appointment in the caller's transaction; returns how many were planned.
+    ``declined``: the patient's ``opt_outs`` when the caller knows them."""
     settings = _settings(context)
     if settings is None or appointment.patient_id is None:
         return 0
     patient = session.get(Patient, appointment.patient_id)
-    declined = opt_outs(session, appointment.patient_id)
+    if declined is None:
+        declined = opt_outs(session, appointment.patient_id)
     if "reminder" in declined:
         log.info("the patient declined reminders", extra={"appointment_id": appointment.id})
         return 0
@@ -320,7 +324,10 @@ def plan_follow_up(session: Session, appointment: Appointment, context) -> int:
 
 @hookimpl(trylast=True)
 def slotengine_schedule_changed(session: Session, change: Change, context) -> None:
-    if _settings(context) is None or change.appointment_id is None:
+    if _settings(context) is None:
+        return
+    without_flags = _registered_without_flags(session, change)
+    if change.appointment_id is None:
         return
     kind = change.kind
     created = change.from_state == "requested"  # by this change: it has no messages to withdraw yet
@@ -332,11 +339,21 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
         template = {"booked": "confirmation", "reinstated": "confirmation", "rescheduled": "moved"}.get(kind)
         if change.detail.get("requester", {}).get("patient_told"):
             template = None  # whoever moved it told the patient already (an emergency move)
-        plan_reminders(session, appointment, context, confirmation=template)
+        plan_reminders(session, appointment, context, confirmation=template,
+                       declined=set() if appointment.patient_id in without_flags else None)
     elif kind == "completed":
         plan_follow_up(session, session.get(Appointment, change.appointment_id), context)
     elif kind == "completion_reversed":
         withdraw(session, change.appointment_id, ("follow_up",))
+
+
+def _registered_without_flags(session: Session, change: Change) -> set[int]:
+    """The patients registered in this transaction whose flags it has not changed
+    since: they have none, so they declined nothing."""
+    registered = follow_registrations(session, NAME, change)
+    if change.kind == "patient_flags_changed":
+        registered.discard(change.detail["patient_id"])
+    return registered
 
 
 # --- sending ----------------------------------------------------------------------------------

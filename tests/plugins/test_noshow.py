@@ -31,7 +31,7 @@ from engine.models import (
     Slot,
 )
 from engine.plugin import hookimpl
-from engine.requests import Actor, BookingRequest, SlotQuery
+from engine.requests import Actor, BookingRequest, Identifier, PatientRecord, SlotQuery
 from engine.states import HL7_FILLER_STATUS, Status
 from hl7.outbound import OutboundSettings, appointment_view, build_siu
 from plugins import noshow, waitlist_fill
@@ -151,6 +151,63 @@ def test_earlier_no_shows_and_late_cancellations_lower_the_next_estimate(clinic,
     assert [r["text"] for r in found.reasons][:2] == ["2 earlier no-shows", "1 late cancellation"]
     logit = 2.2 - 1.2 * math.log(3) - 0.5 * math.log(2) - 0.25 * math.log(2) - 0.3
     assert found.probability == pytest.approx(sigmoid(logit), abs=1e-6)
+
+
+def register(view, mrn: str):
+    return view.register_patient(PatientRecord(identifiers=[Identifier(mrn, "HOSP", "MR")], family_name="Doe",
+                                               given_name=mrn.title()), STAFF)
+
+
+def test_a_patient_registered_in_the_transaction_has_the_history_it_wrote(clinic, slotengine_scheduler,
+                                                                          slotengine_clock):
+    """No history query for a patient the transaction registered: it knows what it wrote
+    about them -- a late cancellation, another patient merged into them."""
+    scheduler = slotengine_scheduler
+    missed = clinic.book(clinic.patient("MRN5"), slot=smith_slots(clinic, utc(2026, 3, 2, 14), utc(2026, 3, 2, 15))[0])
+    monday = smith_slots(clinic, utc(2026, 3, 2, 15), utc(2026, 3, 2, 17))
+    wednesday = smith_slots(clinic, utc(2026, 3, 4, 14), utc(2026, 3, 4, 16))
+    slotengine_clock.set(utc(2026, 3, 2, 14, 30))
+    scheduler.mark_no_show(missed.id, STAFF)
+    with scheduler.sessions() as session, session.begin():
+        view = scheduler.within(session)
+        patient = register(view, "MRN6")
+        late = view.book(BookingRequest(patient_id=patient.id, appointment_type="new_patient",
+                                        slot_id=monday[4].id), STAFF)  # 11:00 in New York
+        view.cancel(late.id, STAFF, "patient called")  # half an hour before: late
+        cancelled_once = view.book(BookingRequest(patient_id=patient.id, appointment_type="new_patient",
+                                                  slot_id=wednesday[0].id), STAFF)
+        merged = register(view, "MRN7")
+        view.merge_patients(merged.id, missed.patient_id, STAFF)
+        after_merge = view.book(BookingRequest(patient_id=merged.id, appointment_type="new_patient",
+                                               slot_id=wednesday[4].id), STAFF)
+        ids = late.id, cancelled_once.id, after_merge.id
+    view.notify_committed()
+    late, cancelled_once, after_merge = (stored_estimate(scheduler, i).features for i in ids)
+    assert late["late_cancellations"] == 0
+    assert cancelled_once["late_cancellations"] == pytest.approx(math.log(2))
+    assert after_merge["prior_no_shows"] == pytest.approx(math.log(2))
+
+
+def test_a_move_estimates_again_the_same_row(clinic, slotengine_scheduler):
+    """One row per appointment, written over when it moves -- also the session's copy when it holds one."""
+    scheduler = slotengine_scheduler
+    patient = clinic.patient("MRN8")
+    booked = clinic.book(patient, slot=smith_slots(clinic, utc(2026, 3, 3, 14), utc(2026, 3, 3, 15))[0])
+    assert stored_estimate(scheduler, booked.id).features["lead_time"] == pytest.approx(math.log(2))
+    friday = smith_slots(clinic, utc(2026, 3, 13, 14), utc(2026, 3, 13, 15))[0]
+    scheduler.reschedule(booked.id, BookingRequest(patient_id=patient.id, appointment_type="new_patient",
+                                                   slot_id=friday.id), STAFF)
+    assert stored_estimate(scheduler, booked.id).features["lead_time"] == pytest.approx(math.log(12))
+    monday = smith_slots(clinic, utc(2026, 3, 9, 13), utc(2026, 3, 9, 14))[0]
+    with scheduler.sessions() as session, session.begin():
+        held = session.get(ShowEstimate, booked.id)
+        assert held.features["friday"] == 1.0
+        scheduler.within(session).reschedule(booked.id, BookingRequest(
+            patient_id=patient.id, appointment_type="new_patient", slot_id=monday.id), STAFF)
+        assert (held.features["monday"], held.features["friday"]) == (1.0, 0.0)
+    with scheduler.sessions() as session:
+        [stored] = session.scalars(select(ShowEstimate).where(ShowEstimate.appointment_id == booked.id))
+        assert stored.features["lead_time"] == pytest.approx(math.log(8)) and stored.features["monday"] == 1.0
 
 
 # --- the refit job on the site's own history ----------------------------------------------------------

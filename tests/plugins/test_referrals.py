@@ -1,6 +1,8 @@
 """Referrals: routed to an in-network specialist, booked or waitlisted, followed to completion."""
 from __future__ import annotations
 
+from datetime import date
+
 import pytest
 from sqlalchemy import select, update
 
@@ -8,6 +10,7 @@ from engine.errors import InvalidRequest
 from engine.models import OutboxItem, Provider, Slot
 from engine.plugin import hookimpl
 from engine.plugin_host import PluginHost
+from engine.requests import BookingRequest, CoverageRecord, Identifier, PatientRecord
 from plugins.referrals import receive_referral, referral_status
 from tests.plugins.helpers import STAFF, utc
 
@@ -48,6 +51,32 @@ def test_no_free_slot_puts_the_patient_on_the_waitlist_and_a_later_booking_links
     appointment = clinic.book(patient, "DRJONES")
     status = referral_status(slotengine_context, referral_id)
     assert status["status"] == "booked" and status["appointment_id"] == appointment.id
+
+
+def test_a_booking_links_the_referral_recorded_for_a_patient_registered_in_the_same_transaction(
+        clinic, slotengine_context):
+    """Registered, referred (waitlisted) and booked in one transaction (an HL7 batch): the
+    booking asks for the referral its transaction recorded."""
+    scheduler = clinic.scheduler
+    jones = clinic.providers["DRJONES"]
+    with scheduler.sessions() as session, session.begin():
+        view = scheduler.within(session)
+        patient = view.register_patient(PatientRecord(identifiers=[Identifier("F9", "HOSP", "MR")],
+                                                      family_name="Doe", given_name="Nine"), STAFF)
+        view.record_coverage(patient.id, CoverageRecord(payer_id="ACME", member_id="MF9", plan_id="PPO",
+                                                        effective_date=date(2025, 1, 1)), STAFF)
+        session.execute(update(Slot).where(Slot.provider_id == jones).values(blocked=True))
+        referral_id = slotengine_context.plugins.referral_received(
+            session, {"patient_id": patient.id, "specialty": "cardiology"})
+        session.execute(update(Slot).where(Slot.provider_id == jones).values(blocked=False))
+        slot_id = session.scalars(select(Slot.id).where(Slot.provider_id == jones, Slot.slot_type == "new_patient")
+                                  .order_by(Slot.start).limit(1)).one()
+        appointment_id = view.book(BookingRequest(patient_id=patient.id, appointment_type="new_patient",
+                                                  slot_id=slot_id), STAFF).id
+    view.notify_committed()
+    status = referral_status(slotengine_context, referral_id)
+    assert [step["status"] for step in status["history"]] == ["received", "routed", "waitlisted", "booked"]
+    assert status["appointment_id"] == appointment_id
 
 
 def test_the_referral_completes_with_its_consult(clinic, slotengine_context, slotengine_clock):

@@ -1,14 +1,14 @@
 """Reminders: planned with the booking, sent over a real SMTP server and a real webhook, answered."""
 from __future__ import annotations
 
-from datetime import time, timedelta
+from datetime import date, time, timedelta
 
 import pytest
 from sqlalchemy import select
 
 from engine.messaging import outside_quiet_hours
 from engine.models import Appointment, OutboxItem
-from engine.requests import BookingRequest
+from engine.requests import BookingRequest, CoverageRecord, Identifier, PatientRecord
 from engine.signing import make_token
 from tests.plugins.helpers import REPLY_SECRET, STAFF, utc
 
@@ -170,3 +170,22 @@ def test_patients_who_declined_reminders_or_a_channel_or_died_get_none_by_it(cli
     died = clinic.patient("R12", email="r12@example.org")
     clinic.scheduler.register_patient(PatientRecord(identifiers=[Identifier("R12", "HOSP", "MR")], deceased=True), STAFF)
     assert outbox(clinic.scheduler, clinic.book(died, after=utc(2026, 3, 6, 16)).id) == []
+
+
+def test_a_patient_registered_and_opted_out_in_the_booking_transaction_gets_no_reminders(clinic):
+    """The opt-outs of a patient the transaction registered are what it flagged since."""
+    slots = clinic.slots("DRSMITH", after=utc(2026, 3, 6, 14))
+    with clinic.scheduler.sessions() as session, session.begin():
+        view = clinic.scheduler.within(session)
+        booked = {}
+        for mrn, flags in (("R20", []), ("R21", ["opt_out:reminder"])):
+            patient = view.register_patient(PatientRecord(identifiers=[Identifier(mrn, "HOSP", "MR")],
+                                                          family_name="Doe", email=f"{mrn}@example.org"), STAFF)
+            view.record_coverage(patient.id, CoverageRecord(payer_id="ACME", member_id=f"M{mrn}", plan_id="PPO",
+                                                            effective_date=date(2025, 1, 1)), STAFF)
+            view.set_patient_flags(patient.id, flags, STAFF, source="hl7:PD1-11")
+            booked[mrn] = view.book(BookingRequest(patient_id=patient.id, appointment_type="new_patient",
+                                                   slot_id=slots[len(booked)].id), STAFF).id
+    view.notify_committed()
+    assert outbox(clinic.scheduler, booked["R20"]) != []
+    assert outbox(clinic.scheduler, booked["R21"]) == []
