@@ -21,14 +21,14 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, Iterator, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, delete, exists, insert, inspect, or_, select, update
+from sqlalchemy import and_, bindparam, delete, event, exists, insert, inspect, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import Session, make_transient_to_detached, object_session, selectinload, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
 from engine import calendar
 from engine.clock import Clock, SystemClock
+from engine.db import insert_at_flush_point
 from engine.errors import (
     BookingVetoed,
     IllegalTransition,
@@ -105,16 +105,64 @@ _CLAIM_WHOLE_SLOT = (
     .returning(*_SLOT_COLUMNS)
 )
 _LINK_SLOT = insert(_APPOINTMENT_SLOTS)
-_AUDIT = insert(AuditEntry.__table__)
+_AUDIT = AuditEntry.__table__  # rows written at the transaction's flush points, several with one statement
 _PATIENT_MERGED_INTO = select(Patient.__table__.c.merged_into_id).where(Patient.__table__.c.id == bindparam("patient_id"))
 #: Rows written by ``_insert_row``: each model's INSERT … RETURNING every column
 _INSERT_RETURNING = {model: insert(model.__table__).returning(*model.__table__.columns)
-                     for model in (Appointment, AppointmentResource, Patient, PatientIdentifier)}
+                     for model in (Appointment, AppointmentResource, Coverage, Patient, PatientIdentifier)}
 _SET_FILLER_ID = (update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
                   .values(filler_id=bindparam("new_filler_id")))
 # with the owner's row: an unmerged owner (nearly all) needs no load of its own, and a caller
 # comparing the patient with a message's record then finds it in the session
 _IDENTIFIER_OWNERS: dict[int, Any] = {}
+
+
+#: ``session.info`` key: identifiers looked up ahead (``Scheduler.look_up_identifiers``) for
+#: this transaction, ``(authority, type_code, value)`` → the patient holding it, or None for
+#: nobody; the writes that add or move identifiers keep it true, a rollback forgets it
+_OWNERS_LOOKED_UP = "slotengine.identifier_owners"
+#: identifiers per look-up query: a statement is compiled and cached for each count
+_LOOK_UP_AT_ONCE = 32
+
+
+#: ``session.info`` key: appointments looked up ahead (``Scheduler.look_up_appointments``)
+#: for this transaction, ``("placer" | "filler", id)`` → the oldest appointment with that
+#: id, or None for none; new appointments are noted in it, a changed id or a rollback
+#: forgets it
+_APPOINTMENTS_LOOKED_UP = "slotengine.appointments_by_external_id"
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_looked_up(session: Session, _transaction) -> None:
+    session.info.pop(_OWNERS_LOOKED_UP, None)
+    session.info.pop(_APPOINTMENTS_LOOKED_UP, None)
+
+
+def _note_appointment(session: Session, appointment: "Appointment") -> None:
+    """A new appointment (or one given an id it lacked): it answers for its ids where
+    nothing did (it is the newest, so never the oldest where another already answers)."""
+    looked_up = session.info.get(_APPOINTMENTS_LOOKED_UP)
+    if looked_up is None:
+        return
+    for key in (("placer", appointment.placer_id), ("filler", appointment.filler_id)):
+        if key[1] and key in looked_up and looked_up[key] is None:
+            looked_up[key] = appointment
+
+
+@event.listens_for(Session, "pending_to_persistent")
+def _appointment_flushed(session: Session, instance: Any) -> None:
+    if isinstance(instance, Appointment):
+        _note_appointment(session, instance)
+
+
+def _external_id_set(target: "Appointment", value: Any, old: Any, _initiator) -> None:
+    session = object_session(target)
+    if session is not None and value != old:
+        session.info.pop(_APPOINTMENTS_LOOKED_UP, None)
+
+
+event.listen(Appointment.placer_id, "set", _external_id_set)
+event.listen(Appointment.filler_id, "set", _external_id_set)
 
 
 def _identifier_owners(count: int):
@@ -138,6 +186,9 @@ _BY_EXTERNAL_IDS = {
         *([Appointment.placer_id == bindparam("placer_id")] if by_placer else []))).order_by(Appointment.id)
     for by_placer, by_filler in ((True, False), (False, True), (True, True))
 }
+_BY_EXTERNAL_ID_LISTS = (select(Appointment).where(or_(Appointment.placer_id.in_(bindparam("placers", expanding=True)),
+                                                        Appointment.filler_id.in_(bindparam("fillers", expanding=True))))
+                         .order_by(Appointment.id).options(selectinload(Appointment.resources)))
 _COVERAGE_OF = select(Coverage).where(Coverage.patient_id == bindparam("patient_id"),
                                       Coverage.payer_id == bindparam("payer_id"),
                                       Coverage.member_id == bindparam("member_id"))
@@ -198,6 +249,8 @@ def _insert_row(session: Session, row_object: Any) -> None:
     if state.pending:
         session.expunge(row_object)
     _as_stored(session, row_object, row)
+    if state.class_ is Appointment:
+        _note_appointment(session, row_object)
 
 
 def _as_stored(session: Session, row_object: Any, row: Any) -> None:
@@ -311,8 +364,9 @@ class Scheduler:
 
     def _record(self, session: Session, work: _Work, change: Change, *, entity: str = "appointment",
                 entity_id: Optional[int] = None, before=None, after=None) -> None:
+        # plugins below read with Core on session.connection() too, which does not autoflush
         session.flush()
-        session.connection().execute(_AUDIT, {  # Core: one row, no ORM unit of work
+        insert_at_flush_point(session, _AUDIT, {  # Core, no ORM unit of work
             "at": self.clock.now(),
             "actor": change.actor.label,
             "source": change.actor.source,
@@ -352,8 +406,32 @@ class Scheduler:
             return session.get(Appointment, appointment_id)
         if not (placer_id or filler_id):
             return None
+        looked_up = session.info.get(_APPOINTMENTS_LOOKED_UP)
+        keys = [key for key in (("placer", placer_id), ("filler", filler_id)) if key[1]]
+        if looked_up is not None and all(key in looked_up for key in keys):
+            found = [looked_up[key] for key in keys if looked_up[key] is not None]
+            return min(found, key=lambda appointment: appointment.id) if found else None
         return session.scalars(_BY_EXTERNAL_IDS[bool(placer_id), bool(filler_id)],
                                {"placer_id": placer_id, "filler_id": filler_id}).first()
+
+    def look_up_appointments(self, placer_ids: Sequence[str], filler_ids: Sequence[str]) -> None:
+        """Look up many appointments by placer and filler id with one query (their
+        resources with a second), for the work about to be done in this transaction (a view
+        bound by ``within``): ``find_appointment`` then needs no query of its own for them."""
+        with self.sessions() as session:
+            looked_up = session.info.setdefault(_APPOINTMENTS_LOOKED_UP, {})
+            keys = [key for key in dict.fromkeys([("placer", p) for p in placer_ids if p]
+                                                 + [("filler", f) for f in filler_ids if f])
+                    if key not in looked_up]
+            if not keys:
+                return
+            placers = [value for kind, value in keys if kind == "placer"]
+            fillers = [value for kind, value in keys if kind == "filler"]
+            looked_up.update((key, None) for key in keys)
+            for appointment in session.scalars(_BY_EXTERNAL_ID_LISTS, {"placers": placers, "fillers": fillers}):
+                for key in (("placer", appointment.placer_id), ("filler", appointment.filler_id)):
+                    if key in looked_up and looked_up[key] is None:
+                        looked_up[key] = appointment  # in id order: the first is the oldest
 
     def appointment(self, appointment_id: int) -> Appointment:
         with self.sessions() as session:
@@ -603,6 +681,7 @@ class Scheduler:
                         session.connection().execute(
                             _SET_FILLER_ID, {"appointment_id": appointment.id, "new_filler_id": filler_id})
                         set_committed_value(appointment, "filler_id", filler_id)
+                        _note_appointment(session, appointment)
                     target = Status.HELD if hold else (Status.OVERBOOKED if seat or overbooks else Status.BOOKED)
                     decision = self._check_booking(session, appointment, "hold" if hold else "book")
                     if decision.decision == "veto":
@@ -1420,9 +1499,11 @@ class Scheduler:
                     _as_stored(session, identifier, stored[key])
                     identifiers.append(identifier)
                 set_committed_value(patient, "identifiers", identifiers)  # so the returned patient lists them
+                added = keys
             else:
                 session.flush()
                 known = {(i.authority, i.type_code, i.value) for i in patient.identifiers}
+                added = []
                 for ident in record.identifiers:
                     key = (ident.authority, ident.type_code, ident.value)
                     if key not in known:
@@ -1430,7 +1511,11 @@ class Scheduler:
                         patient.identifiers.append(PatientIdentifier(value=ident.value, authority=ident.authority,
                                                                      type_code=ident.type_code))
                         known.add(key)
+                        added.append(key)
                 session.flush()
+            looked_up = session.info.get(_OWNERS_LOOKED_UP)
+            if looked_up is not None:
+                looked_up.update((key, patient) for key in added)
             self._record(session, work, Change("patient_registered" if created else "patient_updated", None, "", "",
                                                actor, detail={"patient_id": patient.id}),
                          entity="patient", entity_id=patient.id)
@@ -1454,10 +1539,11 @@ class Scheduler:
         keys = [(i.authority, i.type_code, i.value) for i in identifiers]
         if not keys:
             return [], set()
-        owner_of = {(authority, type_code, value): patient
-                    for authority, type_code, value, patient in session.execute(
-                        _identifier_owners(len(keys)),
-                        {f"{part}{n}": key[i] for n, key in enumerate(keys) for i, part in enumerate("atv")})}
+        looked_up = session.info.get(_OWNERS_LOOKED_UP)
+        if looked_up is not None and all(key in looked_up for key in keys):
+            owner_of = {key: looked_up[key] for key in keys if looked_up[key] is not None}
+        else:
+            owner_of = Scheduler._owners(session, keys)
         found: list[Patient] = []
         for key in keys:
             patient = owner_of.get(key)
@@ -1469,6 +1555,26 @@ class Scheduler:
                 found.append(patient)
         held = {key for key, owner in owner_of.items() if owner is found[0]} if found else set()
         return found, held
+
+    @staticmethod
+    def _owners(session: Session, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], Patient]:
+        return {(authority, type_code, value): patient
+                for authority, type_code, value, patient in session.execute(
+                    _identifier_owners(len(keys)),
+                    {f"{part}{n}": key[i] for n, key in enumerate(keys) for i, part in enumerate("atv")})}
+
+    def look_up_identifiers(self, identifiers) -> None:
+        """Look up many patients' identifiers with one query, for the work about to be done
+        in this transaction (a view bound by ``within``): ``named_patients`` and
+        ``register_patient`` then need no query of their own for them."""
+        with self.sessions() as session:
+            looked_up = session.info.setdefault(_OWNERS_LOOKED_UP, {})
+            keys = [key for key in dict.fromkeys((i.authority, i.type_code, i.value) for i in identifiers)
+                    if key not in looked_up]
+            for first in range(0, len(keys), _LOOK_UP_AT_ONCE):
+                chunk = keys[first:first + _LOOK_UP_AT_ONCE]
+                owners = self._owners(session, chunk)
+                looked_up.update((key, owners.get(key)) for key in chunk)
 
     def find_patient(self, identifiers) -> Optional[Patient]:
         with self.sessions() as session:
@@ -1502,11 +1608,13 @@ class Scheduler:
             created = coverage is None
             if created:
                 coverage = Coverage(patient_id=patient_id, payer_id=record.payer_id, member_id=record.member_id)
-                session.add(coverage)
             for name in ("payer_name", "plan_id", "group_number", "priority", "effective_date", "expiry_date",
                          "verification_status", "verified_at"):
                 setattr(coverage, name, getattr(record, name))
-            session.flush()
+            if created:
+                _insert_row(session, coverage)
+            else:
+                session.flush()
             self._record(session, work, Change("coverage_recorded", None, "", record.verification_status, actor,
                                                detail={"patient_id": patient_id, "coverage_id": coverage.id}),
                          entity="coverage", entity_id=coverage.id)
@@ -1563,6 +1671,7 @@ class Scheduler:
                 raise NotFound("patient", merged_id)
             session.execute(update(PatientIdentifier).where(PatientIdentifier.patient_id == merged_id)
                             .values(patient_id=survivor_id))
+            session.info.pop(_OWNERS_LOOKED_UP, None)
             # a policy both records carry (the same IN1 twice) stays with the merged record: the
             # survivor's copy wins instead of the move breaking the (patient, payer, member) key
             held = set(session.execute(select(Coverage.payer_id, Coverage.member_id)

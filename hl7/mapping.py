@@ -199,6 +199,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -207,6 +208,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import bindparam, event, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from engine.calendar import zone
@@ -385,6 +387,29 @@ def apply_message(scheduler: Scheduler, message: Message, *, mode: str, message_
                                           "message_type": f"{message_type}^{event}",
                                           "appointment_id": ctx.appointment_id, "warnings": len(ctx.warnings)})
     return ApplyResult(status, ctx.warnings)
+
+
+def look_ahead(scheduler: Scheduler, messages: list[Message]) -> None:
+    """Before the next ``messages`` are applied one by one in this transaction, look up
+    with one query the patients they name (PID-3, else PID-2 or PID-4), and with another
+    the appointments (SCH-1, SCH-2).  What cannot be read here is read again, and its
+    error reported, when the message is applied."""
+    identifiers, placers, fillers = [], [], []
+    for message in messages:
+        ctx = _Context(scheduler, message, message.trigger_event.upper(), 0)  # its warnings come when applied
+        try:
+            for pid in message.segments_named("PID"):
+                identifiers.extend(_identifiers(ctx, pid, (3, 2, 4)))
+            if message.message_type.upper() == "SIU" and (sch := message.first("SCH")) is not None:
+                placer, filler = _external_ids(sch)
+                placers.append(placer)
+                fillers.append(filler)
+        except Exception:  # noqa: BLE001 - see above
+            continue
+    if identifiers:
+        scheduler.look_up_identifiers(identifiers)
+    if any(placers) or any(fillers):
+        scheduler.look_up_appointments(placers, fillers)
 
 
 # --- context and small helpers -------------------------------------------------------
@@ -1104,12 +1129,17 @@ def _provider_entity(ctx: _Context, ai: _AI) -> Optional[_Entity]:
 
 
 _CODES = "slotengine.mapping.codes"
+#: Per database: the ids of the locations, providers and resources found by code.  Kept
+#: across transactions: such a row is never deleted and its code never changes, so an id
+#: once found stays true (a code not found is asked again: another writer may add it).
+_IDS_BY_CODE: "weakref.WeakKeyDictionary[Engine, dict[tuple, int]]" = weakref.WeakKeyDictionary()
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_codes(session: Session, _transaction) -> None:
     """A rolled-back savepoint may have taken a row we looked up with it."""
     session.info.pop(_CODES, None)
+    _IDS_BY_CODE.pop(session.get_bind(), None)
 
 
 def _looked_up(ctx: _Context, key: tuple, query: Callable[[], Any]) -> Any:
@@ -1124,7 +1154,14 @@ def _looked_up(ctx: _Context, key: tuple, query: Callable[[], Any]) -> Any:
 
 
 def _existing_id(ctx: _Context, model, code: str) -> Optional[int]:
-    return _looked_up(ctx, (model, code), lambda: select(model.id).where(model.code == code))
+    with ctx.scheduler.sessions() as session:
+        ids = _IDS_BY_CODE.setdefault(session.get_bind(), {})
+    found = ids.get((model, code))
+    if found is None:
+        found = _looked_up(ctx, (model, code), lambda: select(model.id).where(model.code == code))
+        if found is not None:
+            ids[(model, code)] = found
+    return found
 
 
 def _location_timezone(ctx: _Context, code: str) -> str:
@@ -1391,6 +1428,15 @@ def _snapshot(ctx: _Context, placer: Optional[str], filler: Optional[str]) -> Op
                 "location_id": row.location_id, "resource_ids": tuple(resources), "asked_of_owner": asked}
 
 
+def _external_ids(sch: Segment) -> tuple[str, str]:
+    """SCH-1 and SCH-2: the placer's and the filler's appointment ids, as we keep them."""
+    placer, filler = _ei(sch, 1), _ei(sch, 2)
+    if placer and placer.startswith(REQUESTED_PLACER_PREFIX):
+        # a booking we asked the EHR for: kept under the bare id we gave it, which it echoes with our namespace
+        placer = placer.split("^")[0]
+    return placer, filler
+
+
 def _would_change(existing: dict[str, Any], external: ExternalAppointment) -> bool:
     """Whether ``record_external_appointment`` would change the appointment."""
     if existing["status"] != Status(external.status):
@@ -1410,10 +1456,7 @@ def _apply_siu(ctx: _Context) -> str:
     sch = message.first("SCH")
     if sch is None:
         raise ctx.fail(100, f"SIU^{ctx.event} without an SCH segment", segment_name="SCH")
-    placer, filler = _ei(sch, 1), _ei(sch, 2)
-    if placer and placer.startswith(REQUESTED_PLACER_PREFIX):
-        # a booking we asked the EHR for: kept under the bare id we gave it, which it echoes with our namespace
-        placer = placer.split("^")[0]
+    placer, filler = _external_ids(sch)
     if not (placer or filler):
         raise ctx.fail(101, "SCH-1 (placer appointment id) and SCH-2 (filler appointment id) are both empty",
                        sch, 1)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional
 from sqlalchemy import Row, event, func, select, text, update
 from sqlalchemy.orm import Session
 
+from engine.db import pending_row_count
 from engine.errors import SchedulingError
 from engine.metrics import Metrics
 from engine.models import InboundMessage
@@ -34,8 +35,8 @@ from engine.plugin_host import UNGUARDED_HOOKS, UnguardedHookFailed
 from engine.service import Scheduler
 from hl7.ack import ErrorDetail, build_ack, new_control_id
 from hl7.filler import FillerSettings, apply_request, is_filler_request
-from hl7.mapping import MappingError, apply_message
-from hl7.message import HL7ParseError, parse
+from hl7.mapping import MappingError, apply_message, look_ahead
+from hl7.message import HL7ParseError, Message, parse
 from hl7.store import APPLIED, PARKED, RECEIVED, MessageStore
 
 log = logging.getLogger("slotengine.processor")
@@ -160,7 +161,7 @@ class Processor:
             # per sender, for this whole transaction: may its messages be applied here?
             allowed: dict[str, bool] = {}
             batch_started = time.monotonic()
-            for row in self._waiting(session, allowed):
+            for row, message in self._waiting(session, allowed):
                 if outcomes and (len(outcomes) >= self.batch_size
                                  or time.monotonic() - batch_started > BATCH_SECONDS):
                     break  # the rest stay "received" for the next batch
@@ -168,7 +169,7 @@ class Processor:
                     continue  # held back: another node applies this sender, or its feed stopped at a parked one
                 started = time.perf_counter()
                 view = self.scheduler.within(session)
-                outcome = self._apply_one(session, view, row, guarded)
+                outcome = self._apply_one(session, view, row, message, guarded)
                 finished.append({"id": row.id, "status": outcome.status, "attempts": row.attempts + 1,
                                  "error": "; ".join(e.message for e in outcome.errors)[:4000]
                                  if outcome.status == PARKED else "",
@@ -202,10 +203,15 @@ class Processor:
         return session.scalar(select(func.count()).select_from(InboundMessage)
                               .where(InboundMessage.status == RECEIVED))
 
-    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[Row]:
+    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[tuple[Row, Optional[Message]]]:
+        """The waiting rows, each with its message parsed (None: it does not parse), a few at
+        a time: the patients those few name are looked up with one query before any applies."""
         after_id = 0
+        view = self.scheduler.within(session)
         while rows := self._claim(session, after_id, allowed):
-            yield from rows
+            messages = [_parsed(row.raw) if allowed[row.sender] else None for row in rows]
+            look_ahead(view, [message for message in messages if message is not None])
+            yield from zip(rows, messages)
             after_id = rows[-1].id
 
     def _claim(self, session: Session, after_id: int, allowed: dict[str, bool]) -> list[Row]:
@@ -253,15 +259,22 @@ class Processor:
         if not statement.startswith("SELECT"):
             self._writes += 1
 
-    def _apply_one(self, session: Session, view: Scheduler, row: Row, guarded: bool) -> Outcome:
+    def _wrote(self, session: Session, before: tuple[int, int]) -> bool:
+        """Whether the message being applied wrote anything: statements run, ORM changes not
+        yet flushed, or rows waiting for the transaction's next flush point (audit)."""
+        return ((self._writes, pending_row_count(session)) != before
+                or bool(session.new or session.dirty or session.deleted))
+
+    def _apply_one(self, session: Session, view: Scheduler, row: Row, parsed: Optional[Message],
+                   guarded: bool) -> Outcome:
         policy = self.policies.get(row.feed, FeedPolicy())
         message = None
         if not guarded:
             session.flush()  # the previous message's pending changes are not this one's writes
         savepoint = session.begin_nested() if guarded else None
-        writes_before = self._writes
+        writes_before = self._writes, pending_row_count(session)
         try:
-            message = parse(row.raw)
+            message = parsed or parse(row.raw)
             if policy.mode == "filler" and is_filler_request(message.message_type, message.trigger_event):
                 result = apply_request(view, message, message_id=row.id, settings=policy.filler)
             else:
@@ -269,7 +282,7 @@ class Processor:
         except UnguardedHookFailed as exc:
             raise _RedoGuarded(f"plugin {exc.plugin} raised in {exc.hook}") from exc
         except (MappingError, HL7ParseError, SchedulingError) as exc:
-            if not guarded and (self._writes != writes_before or session.new or session.dirty or session.deleted):
+            if not guarded and self._wrote(session, writes_before):
                 raise _RedoGuarded(f"message {row.id} failed after writing: {type(exc).__name__}") from exc
             if savepoint:
                 savepoint.rollback()
@@ -309,6 +322,13 @@ class _RedoGuarded(Exception):
 
 _WAITING = select(InboundMessage.id, InboundMessage.feed, InboundMessage.sender, InboundMessage.control_id,
                   InboundMessage.raw, InboundMessage.attempts)
+
+
+def _parsed(raw: bytes) -> Optional[Message]:
+    try:
+        return parse(raw)
+    except Exception:  # noqa: BLE001 - parsed again when applied, where the error is reported
+        return None
 
 
 def _errors_of(exc: Exception) -> list[ErrorDetail]:
