@@ -262,6 +262,14 @@ def _as_stored(session: Session, row_object: Any, row: Any) -> None:
     session.add(row_object)
 
 
+def _assign(row_object: Any, **values: Any) -> None:
+    """Set the attributes that differ: setting one to the value it has still marks the row
+    dirty, and the next flush runs the whole unit of work to find nothing to write."""
+    for name, value in values.items():
+        if getattr(row_object, name) != value:
+            setattr(row_object, name, value)
+
+
 def _subject(kind: str, ident: int) -> str:
     return f"{kind}:{ident}"
 
@@ -1802,8 +1810,8 @@ class Scheduler:
                 current = appointment.status
                 if target.value != current:
                     check_transition(appointment.id, current, target.value)
-                appointment.placer_id = appointment.placer_id or external.placer_id
-                appointment.filler_id = appointment.filler_id or external.filler_id
+                _assign(appointment, placer_id=appointment.placer_id or external.placer_id,
+                        filler_id=appointment.filler_id or external.filler_id)
             moved = created or (appointment.start, appointment.end, appointment.provider_id) != (
                 external.start, external.end, external.provider_id or appointment.provider_id)
             resources_changed = sorted(r.resource_id for r in appointment.resources) != sorted(external.resource_ids)
@@ -1813,15 +1821,12 @@ class Scheduler:
                                                (external.patient_id and external.patient_id != appointment.patient_id))
             if released:
                 freed = self._release(session, appointment)
-            appointment.start, appointment.end = external.start, external.end
-            appointment.appointment_type = external.appointment_type
-            appointment.reason = external.reason or appointment.reason
-            appointment.urgency = external.urgency
-            appointment.notes = external.notes or appointment.notes
-            appointment.patient_id = external.patient_id or appointment.patient_id
-            appointment.provider_id = external.provider_id or appointment.provider_id
-            appointment.location_id = external.location_id or appointment.location_id
-            appointment.status = target.value
+            _assign(appointment, start=external.start, end=external.end, appointment_type=external.appointment_type,
+                    reason=external.reason or appointment.reason, urgency=external.urgency,
+                    notes=external.notes or appointment.notes,
+                    patient_id=external.patient_id or appointment.patient_id,
+                    provider_id=external.provider_id or appointment.provider_id,
+                    location_id=external.location_id or appointment.location_id, status=target.value)
             if not created and (target.value != current or moved or resources_changed):
                 appointment.updated_at = now  # a change for certain: one UPDATE of the row, not two
             if created:
@@ -1837,13 +1842,13 @@ class Scheduler:
             holds_time = not (created or released) and \
                 session.scalar(_HOLDS_TIME, {"appointment_id": appointment.id}) is not None
             if target in OCCUPYING and not holds_time:
-                appointment.conflict = self._occupy_as_told(session, appointment, unlinked=created or released)
+                _assign(appointment, conflict=self._occupy_as_told(session, appointment, unlinked=created or released))
             elif target not in OCCUPYING:
-                appointment.conflict = ""
+                _assign(appointment, conflict="")
             told = _mirror_view(appointment)
             if not created and told == seen:
                 return appointment  # the same message again: nothing to record or announce
-            appointment.updated_at = now
+            _assign(appointment, updated_at=now)
             kind = self._mirror_kind(created, current, target, moved)
             change = Change(kind, appointment.id, current, target.value, actor, external.reason,
                             slot_ids=tuple(freed), detail={"conflict": appointment.conflict} if appointment.conflict else {})
