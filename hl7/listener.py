@@ -85,7 +85,11 @@ class OutcomeWaiters:
         return future
 
     def resolve_threadsafe(self, outcomes) -> None:
-        self.loop.call_soon_threadsafe(self._resolve, outcomes)
+        # Usually nobody waits (ack_when = "stored"): then the event loop is not woken.
+        # A waiter registered after this check finds the outcome in the database,
+        # which it reads after registering, and the processor wrote before calling.
+        if self._futures:
+            self.loop.call_soon_threadsafe(self._resolve, outcomes)
 
     def _resolve(self, outcomes) -> None:
         for outcome in outcomes:
@@ -111,6 +115,10 @@ class Listener:
         self._last_message_at: Optional[datetime] = None
         self._ack_codes: Counter[str] = Counter()
         self._per_minute: deque[list[int]] = deque(maxlen=16)  # [minute since the epoch, messages]
+        # The feed's metric series, looked up once rather than per message.
+        self._received_count = metrics.messages_received.labels(self.feed.name)
+        self._ack_timer = metrics.ack_seconds.labels(self.feed.name)
+        self._acked_counts: dict[str, Any] = {}
 
     @property
     def feed(self) -> FeedConfig:
@@ -186,7 +194,8 @@ class Listener:
         decoder = MLLPDecoder(self.feed.max_message_bytes)
         write_lock = asyncio.Lock()
         while self.accepting or decoder.has_partial:
-            data = await asyncio.wait_for(reader.read(READ_CHUNK), self.feed.idle_timeout_seconds)
+            async with asyncio.timeout(self.feed.idle_timeout_seconds):
+                data = await reader.read(READ_CHUNK)
             if not data:
                 return
             discarded = decoder.discarded_bytes
@@ -205,13 +214,17 @@ class Listener:
     async def _send(self, writer, lock: asyncio.Lock, message: bytes) -> None:
         async with lock:
             writer.write(frame(message))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            if writer.transport.get_write_buffer_size():  # the peer is slow to read: wait, within limits
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await writer.drain()
+            else:
+                await writer.drain()  # returns at once, or raises for a lost connection
 
     def _refuse_oversize(self, event: Oversize) -> bytes:
         log.warning("message over max_message_bytes refused", extra={"feed": self.feed.name, "bytes": event.size})
         detail = ErrorDetail("MSH", 1, 0, 0, "207", "E",
                              f"message exceeds this feed's limit of {self.feed.max_message_bytes} bytes")
-        self.metrics.messages_acked.labels(self.feed.name, "AR").inc()
+        self._acked_count("AR").inc()
         return build_ack(None, "AR", [detail], control_id=new_control_id(), now=self.clock.now(),
                          raw_header=event.head)
 
@@ -220,7 +233,7 @@ class Listener:
     async def _receive(self, raw: bytes, peer: str, writer, write_lock) -> Optional[bytes]:
         started = time.perf_counter()
         feed = self.feed
-        self.metrics.messages_received.labels(feed.name).inc()
+        self._received_count.inc()
         now = self.clock.now()
         self._count_message(now)
         message: Optional[Message] = None
@@ -232,8 +245,9 @@ class Listener:
             problems = [exc.detail]
         sender = f"{message.sending_application}^{message.sending_facility}" if message else "?^?"
         control_id = message.control_id if message and message.control_id else ""
+        kind = _type_of(message)
         log.debug("message received", extra={"feed": feed.name, "control_id": control_id,
-                                             "message_type": _type_of(message), "bytes": len(raw)})
+                                             "message_type": kind, "bytes": len(raw)})
         if not problems and not feed.allows_sender(message.sending_application, message.sending_facility):
             problems = [ErrorDetail("MSH", 1, 3, 0, "207", "E",
                                     f"sending application/facility {sender} is not allowed on feed {feed.name}")]
@@ -244,7 +258,7 @@ class Listener:
                 rejection = "CE" if message.enhanced_mode else "AE"
                 ack = build_ack(message, rejection, problems, control_id=new_control_id(), now=now)
                 if control_id:
-                    await self._store(Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw,
+                    await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw,
                                                REFUSED, ack), quiet=True)
                 return self._acknowledged(ack, rejection, started)
         status = RECEIVED
@@ -263,13 +277,13 @@ class Listener:
             ack = build_ack(message, "CR" if enhanced else "AR", problems, control_id=new_control_id(), now=now,
                             raw_header=raw[:512])
             if control_id:  # keep refused messages for the record; without MSH-10 there is no key
-                await self._store(Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw, REFUSED, ack),
+                await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw, REFUSED, ack),
                                   quiet=True)
             return self._acknowledged(ack, "CR" if enhanced else "AR", started)
         immediate = (feed.ack_when == "stored" and not answered) or enhanced or status == SKIPPED
         code = ("CA" if enhanced else "AA")
         ack = build_ack(message, code, [], control_id=new_control_id(), now=now) if immediate else None
-        incoming = Incoming(feed.name, sender, control_id, _type_of(message), peer, now, raw, status, ack,
+        incoming = Incoming(feed.name, sender, control_id, kind, peer, now, raw, status, ack,
                             content_hash(raw, message.delimiters.field.encode()))
         if status == SKIPPED and enhanced:
             incoming.application_ack = build_ack(message, "AA", [], "not applicable on this feed; stored",
@@ -297,7 +311,7 @@ class Listener:
             # decides whether the application acknowledgement follows.
             self._schedule_application_ack(message, stored.message_id, writer, write_lock)
         if stored.ack is not None:
-            return self._acknowledged(stored.ack, _code_of(stored.ack, code), started)
+            return self._acknowledged(stored.ack, code if stored.ack is ack else _code_of(stored.ack, code), started)
         # ack_when = "applied": answer once the processor has decided.
         ack = await self._application_ack(stored.message_id)
         return self._acknowledged(ack, _code_of(ack, "AA"), started)
@@ -312,9 +326,15 @@ class Listener:
 
     def _acknowledged(self, ack: Optional[bytes], code: str, started: float) -> Optional[bytes]:
         self._ack_codes[code] += 1
-        self.metrics.messages_acked.labels(self.feed.name, code).inc()
-        self.metrics.ack_seconds.labels(self.feed.name).observe(time.perf_counter() - started)
+        self._acked_count(code).inc()
+        self._ack_timer.observe(time.perf_counter() - started)
         return ack
+
+    def _acked_count(self, code: str):
+        counter = self._acked_counts.get(code)
+        if counter is None:
+            counter = self._acked_counts[code] = self.metrics.messages_acked.labels(self.feed.name, code)
+        return counter
 
     async def _store(self, incoming: Incoming, *, quiet: bool = False):
         try:

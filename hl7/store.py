@@ -30,7 +30,7 @@ import sqlite3
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -420,52 +420,72 @@ class MessageStore:
 
 
 class GroupCommitter:
-    """Batches concurrent store requests into shared transactions."""
+    """Batches concurrent store requests into shared transactions.
+
+    One thread commits, batch after batch: what arrives while it commits is the
+    next batch, taken as soon as that commit ends.  The event loop only queues
+    requests and, once per batch, answers them; it wakes the thread only when
+    the thread has nothing to do.
+    """
 
     def __init__(self, store: MessageStore, *, max_batch: int = 256):
         self.store = store
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[Incoming, asyncio.Future]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._task: Optional[asyncio.Task] = None
+        self._pending: deque[tuple[Incoming, asyncio.Future]] = deque()
+        self._work = threading.Condition()
+        self._stopping = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._commit_batches, name="store", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
+        """Ends the thread after the batch in flight; requests still queued are not stored."""
+        with self._work:
+            self._stopping = True
+            self._work.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
     async def submit(self, item: Incoming) -> Stored:
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        future = self._loop.create_future()
+        with self._work:
+            self._pending.append((item, future))
+            self._work.notify()
         return await future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _commit_batches(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            items = [item for item, _ in batch]
+            with self._work:
+                while not self._pending and not self._stopping:
+                    self._work.wait()
+                if self._stopping:
+                    return
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch))]
             try:
-                results = await loop.run_in_executor(self._executor, self.store.store_batch, items)
+                results = self.store.store_batch([item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiter gets a negative answer
+                # recorded before the next batch, whose commit clears it
                 self.store.record_failure(exc)
-                log.error("could not store messages", extra={"batch": len(batch), "error": self.store.last_failure})
-                for item, future in batch:
-                    self.store.metrics.storage_failures.labels(item.feed).inc()
-                    if not future.done():
-                        future.set_exception(StorageUnavailable(self.store.last_failure or "storage failed"))
+                self._loop.call_soon_threadsafe(self._fail, batch, self.store.last_failure or "storage failed")
                 continue
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+            self._loop.call_soon_threadsafe(self._answer, batch, results)
+
+    @staticmethod
+    def _answer(batch: list[tuple[Incoming, asyncio.Future]], results: list[Stored]) -> None:
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+
+    def _fail(self, batch: list[tuple[Incoming, asyncio.Future]], reason: str) -> None:
+        log.error("could not store messages", extra={"batch": len(batch), "error": reason})
+        for item, future in batch:
+            self.store.metrics.storage_failures.labels(item.feed).inc()
+            if not future.done():
+                future.set_exception(StorageUnavailable(reason))
 
 
 def replay(session_factory: sessionmaker, message_id: int, actor, now: datetime) -> None:
