@@ -87,9 +87,8 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
-def _offset(text: str | None) -> timedelta | None:
-    if not text:
-        return None
+@lru_cache(maxsize=256)  # a feed writes the same few offsets
+def _offset(text: str) -> timedelta:
     if text == "Z":
         return timedelta(0)
     sign = -1 if text[0] == "-" else 1
@@ -108,29 +107,26 @@ def parse_dtm(text: str) -> HL7DateTime:
     match = _DTM_RE.fullmatch(text) or _ISO_RE.fullmatch(text)
     if match is None:
         raise DTMError("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
-    parts = match.groupdict()
-    precision = "year"
-    for name in ("month", "day", "hour", "minute", "second"):
-        if parts[name] is None:
-            break
-        precision = name
-    fraction = parts["fraction"] or ""
+    # both patterns have these groups in this order, each part nested in the one before
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    precision = ("second" if second else "minute" if minute else "hour" if hour else "day" if day
+                 else "month" if month else "year")
     microsecond = int((fraction + "000000")[:6]) if fraction else 0
     try:
         value = datetime(
-            int(parts["year"]),
-            int(parts["month"] or 1),
-            int(parts["day"] or 1),
-            int(parts["hour"] or 0),
-            int(parts["minute"] or 0),
-            int(parts["second"] or 0),
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
             microsecond,
         )
     except ValueError:
         raise DTMError("the date/time names a day or time that does not exist") from None
     if value.year < 1:
         raise DTMError("the year is out of range")
-    return HL7DateTime(value, _offset(parts["offset"]), precision)
+    return HL7DateTime(value, _offset(offset) if offset else None, precision)
 
 
 def parse_date(text: str) -> date:

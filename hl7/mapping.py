@@ -204,6 +204,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
+from functools import cached_property
 from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import bindparam, event, select
@@ -321,6 +322,7 @@ _UNITS = {
     "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
 }
+_NOT_CODE_CHARACTER = re.compile(r"[^0-9A-Z]")
 _TQ_DURATION_RE = re.compile(r"([SMHD]?)(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
 _ACTION_CODES = frozenset({"", "A", "D", "U", "X"})
 _ACTOR_NAME_MAX = 100 - len("message:")
@@ -392,16 +394,17 @@ def apply_message(scheduler: Scheduler, message: Message, *, mode: str, message_
 def look_ahead(scheduler: Scheduler, messages: list[Message]) -> None:
     """Before the next ``messages`` are applied one by one in this transaction, look up
     with one query the patients they name (PID-3, else PID-2 or PID-4), and with another
-    the appointments (SCH-1, SCH-2).  What cannot be read here is read again, and its
-    error reported, when the message is applied."""
+    the appointments (SCH-1, SCH-2).  Applying a message reuses what was read here (kept
+    in ``Message.memo``); what cannot be read here is read again, and its error reported,
+    when the message is applied."""
     identifiers, placers, fillers = [], [], []
     for message in messages:
         ctx = _Context(scheduler, message, message.trigger_event.upper(), 0)  # its warnings come when applied
         try:
             for pid in message.segments_named("PID"):
-                identifiers.extend(_identifiers(ctx, pid, (3, 2, 4)))
+                identifiers.extend(_patient_identifiers(ctx, pid))
             if message.message_type.upper() == "SIU" and (sch := message.first("SCH")) is not None:
-                placer, filler = _external_ids(sch)
+                placer, filler = _external_ids(message, sch)
                 placers.append(placer)
                 fillers.append(filler)
         except Exception:  # noqa: BLE001 - see above
@@ -423,19 +426,28 @@ def _error(code: int, text: str, segment: Optional[str] = None, sequence: Option
 
 class _Context:
     def __init__(self, scheduler: Scheduler, message: Message, event: str, message_id: int):
-        # the message's calls commit or roll back together (the caller's contract): no savepoint
-        # each; ``guarded`` is the caller's view, each call in a savepoint, for what is retried
-        self.scheduler = scheduler.all_or_nothing()
+        # ``guarded`` is the caller's view, each call in a savepoint, for what is retried
         self.guarded = scheduler
         self.message = message
         self.event = event
         self.message_id = message_id
-        sender = f"{message.sending_application}^{message.sending_facility}"
-        self.actor = Actor("message", sender[:_ACTOR_NAME_MAX], source=f"inbound:{message_id}")
         self.warnings: list[ErrorDetail] = []
         self.default_tz: str = scheduler.settings.default_timezone
         self.appointment_id: Optional[int] = None
         self._held: list[Any] = []
+
+    # Made on first use: ``look_ahead`` reads messages through a context and calls nothing.
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        """The message's calls commit or roll back together (the caller's contract): no
+        savepoint each."""
+        return self.guarded.all_or_nothing()
+
+    @cached_property
+    def actor(self) -> Actor:
+        sender = f"{self.message.sending_application}^{self.message.sending_facility}"
+        return Actor("message", sender[:_ACTOR_NAME_MAX], source=f"inbound:{self.message_id}")
 
     def hold(self, row: Any) -> None:
         """Keep ``row`` referenced while the message is applied: the session's identity
@@ -478,9 +490,26 @@ def _val(seg: Optional[Segment], field_: int, component: int = 1, sub: int = 1, 
     if seg is None:
         return ""
     value = seg.value(field_, component, sub, rep)
-    if value is NULL:
-        return NULL
+    if not value:  # "" or NULL, as it is
+        return value
     return value.replace("\u00ad", "").strip()
+
+
+def _vals(seg: Optional[Segment], field_: int, count: int, rep: int = 1) -> list[str]:
+    """``_val`` of components 1..count of one repetition, the field split once."""
+    if seg is None:
+        return [""] * count
+    return [value.replace("\u00ad", "").strip() if value else value
+            for value in seg.component_values(field_, count, rep)]
+
+
+def _once(message: Message, key: tuple, read: Callable[[], Any]) -> Any:
+    """``read()``, worked out once per message: ``look_ahead`` reads what applying the
+    message reads again.  What raises is not kept (it raises again where it is reported)."""
+    memo = message.memo
+    if key not in memo:
+        memo[key] = read()
+    return memo[key]
 
 
 def _reps(seg: Optional[Segment], field_: int) -> int:
@@ -488,7 +517,10 @@ def _reps(seg: Optional[Segment], field_: int) -> int:
 
 
 def _norm(code: str) -> str:
-    return re.sub(r"[^0-9A-Z]", "", (code or "").upper())
+    upper = (code or "").upper()
+    if upper.isalnum() and upper.isascii():  # the usual code: nothing to remove
+        return upper
+    return _NOT_CODE_CHARACTER.sub("", upper)
 
 
 def _fit(ctx: _Context, text: str, limit: int, seg: Optional[Segment], field_: int) -> str:
@@ -518,6 +550,11 @@ class _AI:
         if self.shift and field_ <= 2:
             return ""
         return _val(self.seg, field_ - self.shift, component, sub, rep)
+
+    def values(self, field_: int, count: int) -> list[str]:
+        if self.shift and field_ <= 2:
+            return [""] * count
+        return _vals(self.seg, field_ - self.shift, count)
 
     def field(self, field_: int) -> int:
         """The physical position of a logical field (for error locations)."""
@@ -583,11 +620,11 @@ def _tq_duration(text: str) -> Optional[timedelta]:
 
 
 def _identifier(ctx: _Context, seg: Segment, field_: int, rep: int) -> Optional[Identifier]:
-    value = _val(seg, field_, 1, 1, rep)
+    value, _, _, authority, type_code = _vals(seg, field_, 5, rep)
     if not value:
         return None
-    authority = _val(seg, field_, 4, 1, rep) or _val(seg, field_, 4, 2, rep) or ""
-    type_code = _val(seg, field_, 5, 1, rep) or ""
+    authority = authority or _val(seg, field_, 4, 2, rep) or ""
+    type_code = type_code or ""
     for text, limit in ((value, 100), (authority, 100), (type_code, 16)):
         if len(text) > limit:
             raise ctx.fail(104, f"{seg.name}-{field_} identifier (repetition {rep}) is longer than the "
@@ -607,8 +644,14 @@ def _identifiers(ctx: _Context, seg: Segment, fields: tuple[int, ...]) -> list[I
     return found
 
 
+def _patient_identifiers(ctx: _Context, pid: Segment) -> list[Identifier]:
+    """PID-3, else PID-2 or PID-4."""
+    found = _once(ctx.message, ("patient identifiers", pid), lambda: tuple(_identifiers(ctx, pid, (3, 2, 4))))
+    return list(found)
+
+
 def _patient_record(ctx: _Context, pid: Segment, pd1: Optional[Segment], pv1: Optional[Segment]) -> PatientRecord:
-    identifiers = _identifiers(ctx, pid, (3, 2, 4))
+    identifiers = _patient_identifiers(ctx, pid)
     if not identifiers:
         raise ctx.fail(101, "PID-3 (patient identifier list) is empty: the patient cannot be identified", pid, 3)
     record = PatientRecord(identifiers=identifiers)
@@ -654,7 +697,7 @@ def _name(ctx: _Context, pid: Segment, record: PatientRecord) -> None:
         return
     chosen = None
     for rep in range(1, reps + 1):  # the primary (legal) name comes first; skip empty repetitions
-        family, given = _val(pid, 5, 1, 1, rep), _val(pid, 5, 2, 1, rep)
+        family, given = _vals(pid, 5, 2, rep)
         if family or given:
             chosen = (family, given)
             break
@@ -670,14 +713,15 @@ def _address(ctx: _Context, pid: Segment, record: PatientRecord) -> None:
     if pid.field(11) == '""':
         record.address = {}
         return
-    order = sorted(range(1, reps + 1), key=lambda r: (_val(pid, 11, 7, 1, r).upper() not in ("H", "HOME"), r))
+    addresses = {rep: _vals(pid, 11, 7, rep) for rep in range(1, reps + 1)}
+    order = sorted(addresses, key=lambda r: (addresses[r][6].upper() not in ("H", "HOME"), r))
     for rep in order:
-        street, street_name = _val(pid, 11, 1, 1, rep), _val(pid, 11, 1, 2, rep)
+        street, line2, city, state, zip_code, country, _type = addresses[rep]
+        street_name = _val(pid, 11, 1, 2, rep)
         if street_name and street_name not in street:
             street = f"{street} {street_name}".strip()
-        parts = {"street": street, "line2": _val(pid, 11, 2, 1, rep), "city": _val(pid, 11, 3, 1, rep),
-                 "state": _val(pid, 11, 4, 1, rep), "zip": _val(pid, 11, 5, 1, rep),
-                 "country": _val(pid, 11, 6, 1, rep)}
+        parts = {"street": street, "line2": line2, "city": city, "state": state, "zip": zip_code,
+                 "country": country}
         address = {k: v.replace("\u2011", "-")[:200] for k, v in parts.items() if v}
         if address:
             record.address = address
@@ -691,20 +735,20 @@ def _phones(ctx: _Context, pid: Segment, record: PatientRecord) -> None:
     for field_, default_use in ((13, "PRN"), (14, "WPN")):
         for rep in range(1, _reps(pid, field_) + 1):
             said = True
-            v = lambda c: _val(pid, field_, c, 1, rep)  # noqa: E731
-            use, kind = v(2).upper(), v(3)
-            first, fourth = v(1), v(4)
+            first, use, kind, fourth, country, area, local, extension, _, _, _, unformatted = \
+                _vals(pid, field_, 12, rep)
+            use = use.upper()
             if use in ("NET", "EMAIL", "X.400") or kind.upper() in ("INTERNET", "X.400") or "@" in fourth \
                     or "@" in first:
                 address = fourth if "@" in fourth else first
                 if "@" in address and email is None:
                     email = _fit(ctx, address.removeprefix("mailto:"), 200, pid, field_)
                 continue
-            number = first or v(12)
-            if not number and (v(6) or v(7)):
-                number = " ".join(p for p in (f"+{v(5)}" if v(5) else "", v(6), v(7)) if p)
-                if v(8):
-                    number += f" x{v(8)}"
+            number = first or unformatted
+            if not number and (area or local):
+                number = " ".join(p for p in (f"+{country}" if country else "", area, local) if p)
+                if extension:
+                    number += f" x{extension}"
             if not number or number is NULL:
                 continue
             phone = {"number": number.replace("\u2011", "-")[:64], "use": use or default_use}
@@ -1056,18 +1100,16 @@ def _ai_segments(ctx: _Context) -> list[_AI]:
 
 
 def _ei(seg: Segment, field_: int) -> Optional[str]:
-    ident = _val(seg, field_, 1)
+    ident, namespace_id, universal_id = _vals(seg, field_, 3)
     if not ident:
         return None
-    namespace = _val(seg, field_, 2) or _val(seg, field_, 3)
+    namespace = namespace_id or universal_id
     return f"{ident}^{namespace}" if namespace else ident
 
 
 def _location_entity(ctx: _Context, seg: Segment, field_: int, physical: int) -> Optional[_Entity]:
-    point = _val(seg, physical, 1, 1)
-    facility = _val(seg, physical, 4, 1) or _val(seg, physical, 4, 2)
-    room = _val(seg, physical, 2)
-    description = _val(seg, physical, 9)
+    point, room, _, facility, _, _, _, _, description = _vals(seg, physical, 9)
+    facility = facility or _val(seg, physical, 4, 2)
     code = point or facility or room or description
     if not code:
         return None
@@ -1080,7 +1122,7 @@ def _location_entity(ctx: _Context, seg: Segment, field_: int, physical: int) ->
 
 
 def _room_entity(ctx: _Context, seg: Segment, field_: int, physical: int, location_code: str) -> Optional[_Entity]:
-    room, bed = _val(seg, physical, 2), _val(seg, physical, 3)
+    _, room, bed = _vals(seg, physical, 3)
     if not room:
         return None
     code = "^".join(p for p in (location_code, room, bed) if p)
@@ -1102,20 +1144,19 @@ def _resource_kind(kind_code: str, kind_text: str) -> str:
 
 
 def _resource_entity(ctx: _Context, ai: _AI) -> Optional[_Entity]:
-    code, text = ai.value(3, 1), ai.value(3, 2)
+    code, text = ai.values(3, 2)
     code = code or text
     if not code:
         return None
     if len(code) > 64:
         ctx.warn(104, "AIG-3 resource id is longer than 64 characters: not recorded", ai.seg, ai.field(3))
         return None
-    kind = _resource_kind(ai.value(4, 1), ai.value(4, 2))
+    kind = _resource_kind(*ai.values(4, 2))
     return _Entity(Resource, code, {"name": (text or code)[:200], "kind": kind}, ai.seg, ai.field(3))
 
 
 def _provider_entity(ctx: _Context, ai: _AI) -> Optional[_Entity]:
-    code = ai.value(3, 1)
-    family, given = ai.value(3, 2, 1), ai.value(3, 3)
+    code, family, given = ai.values(3, 3)
     if not code:
         if family or given:
             ctx.warn(101, "AIP-3.1 (person id) is empty: the provider is not recorded", ai.seg, ai.field(3), 1)
@@ -1249,19 +1290,22 @@ def _siu_times(ctx: _Context, sch: Segment, ais: list[_AI], tz: str) -> tuple[da
 def _siu_duration(ctx: _Context, sch: Segment, tq1: Optional[Segment], ais: list[_AI]) -> Optional[timedelta]:
     """The first duration given: TQ1-6, SCH-9/10, SCH-11.3, AIS-7/8, AIG-11/12,
     AIL-9/10, AIP-9/10. One that is not understood is skipped with a warning."""
-    sources: list[tuple[str, str, str, Segment, int]] = []
-    if tq1 is not None:
-        sources.append((_val(tq1, 6, 1), _val(tq1, 6, 2, 1), _val(tq1, 6, 2, 2), tq1, 6))
-    sources.append((_val(sch, 9), _val(sch, 10, 1), _val(sch, 10, 2), sch, 9))
-    sources.append((_val(sch, 11, 3), "", "", sch, 11))
     fields = {"AIS": 7, "AIG": 11, "AIL": 9, "AIP": 9}
-    for ai in ais:
-        if not ai.deleted:
+
+    def given() -> Iterator[tuple[str, str, str, Segment, int]]:
+        """Quantity, units, units text and where, read only as far as needed."""
+        if tq1 is not None and (quantity := _val(tq1, 6, 1)):
+            yield quantity, _val(tq1, 6, 2, 1), _val(tq1, 6, 2, 2), tq1, 6
+        if quantity := _val(sch, 9):
+            yield (quantity, *_vals(sch, 10, 2), sch, 9)
+        if quantity := _val(sch, 11, 3):
+            yield quantity, "", "", sch, 11
+        for ai in ais:
             f = fields[ai.seg.name]
-            sources.append((ai.value(f), ai.value(f + 1, 1), ai.value(f + 1, 2), ai.seg, ai.field(f)))
-    for quantity, units, units_text, seg, field_ in sources:
-        if not quantity:
-            continue
+            if not ai.deleted and (quantity := ai.value(f)):
+                yield (quantity, *ai.values(f + 1, 2), ai.seg, ai.field(f))
+
+    for quantity, units, units_text, seg, field_ in given():
         if seg is sch and field_ == 11:
             duration = _tq_duration(quantity)
             label, component = "SCH-11.3", 3
@@ -1276,9 +1320,8 @@ def _siu_duration(ctx: _Context, sch: Segment, tq1: Optional[Segment], ais: list
 
 
 def _appointment_type(ctx: _Context, sch: Segment, ais: list[_AI]) -> tuple[str, str]:
-    codes: list[tuple[str, str, str]] = [(_val(sch, 7, 1), _val(sch, 7, 2), _val(sch, 7, 3)),
-                                         (_val(sch, 8, 1), _val(sch, 8, 2), _val(sch, 8, 3))]
-    codes += [(a.value(3, 1), a.value(3, 2), a.value(3, 3)) for a in ais if a.seg.name == "AIS" and not a.deleted]
+    codes = [_vals(sch, 7, 3), _vals(sch, 8, 3)]
+    codes += [a.values(3, 3) for a in ais if a.seg.name == "AIS" and not a.deleted]
     kind, urgency = None, "routine"
     for code, text, system in codes:
         found: tuple[Optional[str], Optional[str]] = APPOINTMENT_TYPE_CODES.get(_norm(code)) or \
@@ -1299,8 +1342,8 @@ def _appointment_type(ctx: _Context, sch: Segment, ais: list[_AI]) -> tuple[str,
 
 
 def _reason_and_notes(ctx: _Context, sch: Segment, ais: list[_AI]) -> tuple[str, str]:
-    texts = [_val(sch, 7, 2) or _val(sch, 7, 1)]
-    texts += [a.value(3, 2) or a.value(3, 1) for a in ais if a.seg.name == "AIS" and not a.deleted]
+    texts = [text or code for code, text in
+             [_vals(sch, 7, 2)] + [a.values(3, 2) for a in ais if a.seg.name == "AIS" and not a.deleted]]
     reason_parts: list[str] = []
     for text in texts:
         if text and text is not NULL and text not in reason_parts:
@@ -1428,8 +1471,12 @@ def _snapshot(ctx: _Context, placer: Optional[str], filler: Optional[str]) -> Op
                 "location_id": row.location_id, "resource_ids": tuple(resources), "asked_of_owner": asked}
 
 
-def _external_ids(sch: Segment) -> tuple[str, str]:
+def _external_ids(message: Message, sch: Segment) -> tuple[str, str]:
     """SCH-1 and SCH-2: the placer's and the filler's appointment ids, as we keep them."""
+    return _once(message, ("appointment ids", sch), lambda: _read_external_ids(sch))
+
+
+def _read_external_ids(sch: Segment) -> tuple[str, str]:
     placer, filler = _ei(sch, 1), _ei(sch, 2)
     if placer and placer.startswith(REQUESTED_PLACER_PREFIX):
         # a booking we asked the EHR for: kept under the bare id we gave it, which it echoes with our namespace
@@ -1456,7 +1503,7 @@ def _apply_siu(ctx: _Context) -> str:
     sch = message.first("SCH")
     if sch is None:
         raise ctx.fail(100, f"SIU^{ctx.event} without an SCH segment", segment_name="SCH")
-    placer, filler = _external_ids(sch)
+    placer, filler = _external_ids(message, sch)
     if not (placer or filler):
         raise ctx.fail(101, "SCH-1 (placer appointment id) and SCH-2 (filler appointment id) are both empty",
                        sch, 1)

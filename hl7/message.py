@@ -42,6 +42,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 __all__ = [
     "DEFAULT_DELIMITERS",
@@ -391,8 +392,8 @@ class Segment:
     """One segment: its fields split, everything below split on demand.
 
     ``field``, ``repetitions`` and ``components`` return ER7 text (still
-    escaped) for navigating structure; ``value`` is the one accessor that
-    returns decoded text.
+    escaped) for navigating structure; ``value`` (and ``component_values``,
+    several of its values at once) return decoded text.
     """
 
     __slots__ = ("name", "_fields", "_dialect", "_msh")
@@ -487,6 +488,53 @@ class Segment:
             return self._dialect.unescape(text)
         return text
 
+    def component_values(self, field: int, count: int, repetition: int = 1) -> list[str]:
+        """``[value(field, c, 1, repetition) for c in 1..count]``, the field split once.
+
+        For readers of a composite value (an address, a phone number), which
+        would otherwise split the same field once per component.
+        """
+        if field < 1 or repetition < 1:
+            raise ValueError("HL7 positions are numbered from 1")
+        fields = self._fields
+        text = fields[field] if field < len(fields) else ""
+        if not text:
+            return [""] * count
+        if self._msh and field <= 2:
+            # MSH-1 and MSH-2 hold the delimiters themselves: never split.
+            values = [""] * count
+            if count and repetition == 1:
+                values[0] = text
+            return values
+        repetition_sep, component_sep, subcomponent_sep, escape_char = self._dialect.separators
+        if repetition > 1 or repetition_sep in text:
+            parts = text.split(repetition_sep)
+            if repetition > len(parts):
+                return [""] * count
+            text = parts[repetition - 1]
+        if text == '""':
+            return [NULL] * count
+        components = text.split(component_sep)
+        missing = count - len(components)
+        if missing > 0:
+            components += [""] * missing
+        elif missing < 0:
+            del components[count:]
+        if '"' not in text and subcomponent_sep not in text and escape_char not in text:
+            return components  # the common case: plain text
+        for index, text in enumerate(components):
+            if text == '""':
+                components[index] = NULL
+                continue
+            if subcomponent_sep in text:
+                text = components[index] = text.split(subcomponent_sep, 1)[0]
+                if text == '""':
+                    components[index] = NULL
+                    continue
+            if escape_char in text:
+                components[index] = self._dialect.unescape(text)
+        return components
+
 
 class Message:
     """A parsed message: its segments in order and how it was read.
@@ -496,7 +544,7 @@ class Message:
     escape in MSH-2, undecodable UTF-8…) - worth showing to an operator.
     """
 
-    __slots__ = ("segments", "delimiters", "encoding", "repairs", "_dialect", "_index")
+    __slots__ = ("segments", "delimiters", "encoding", "repairs", "memo", "_dialect", "_index", "_type")
 
     def __init__(
         self,
@@ -509,8 +557,12 @@ class Message:
         self.delimiters = dialect.delimiters
         self.encoding = encoding
         self.repairs = repairs
+        #: What a reader worked out from the message, for the next reader to reuse (a
+        #: parsed message does not change): the mapping's look-ahead and its apply.
+        self.memo: dict[Any, Any] = {}
         self._dialect = dialect
         self._index: dict[str, list[Segment]] | None = None
+        self._type: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Message {self.message_type}^{self.trigger_event} {self.control_id!r}>"
@@ -576,12 +628,22 @@ class Message:
     @property
     def message_type(self) -> str:
         """MSH-9.1, e.g. SIU."""
-        return _coded(self.msh.value(9, 1)).replace(_SOFT_HYPHEN, "")
+        return self._message_type()[0]
 
     @property
     def trigger_event(self) -> str:
         """MSH-9.2, e.g. S12."""
-        return _coded(self.msh.value(9, 2)).replace(_SOFT_HYPHEN, "")
+        return self._message_type()[1]
+
+    def _message_type(self) -> tuple[str, str]:
+        """MSH-9.1 and MSH-9.2, read once: every reader of a message routes it by them."""
+        if self._type is None:
+            message_type, trigger_event = self.msh.component_values(9, 2)
+            self._type = (
+                _coded(message_type).replace(_SOFT_HYPHEN, ""),
+                _coded(trigger_event).replace(_SOFT_HYPHEN, ""),
+            )
+        return self._type
 
     @property
     def structure(self) -> str:

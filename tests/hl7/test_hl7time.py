@@ -52,6 +52,14 @@ def test_parse_dtm_rejects(text):
         parse_dtm(text)
 
 
+def test_offsets_are_read_alike_every_time():
+    """Offsets are remembered (a feed writes a few): one out of range still raises each time."""
+    assert parse_dtm("20240229+0130").offset == parse_dtm("2024030110+0130").offset == timedelta(hours=1, minutes=30)
+    for _ in range(2):
+        with pytest.raises(DTMError):
+            parse_dtm("20240229+2400")
+
+
 def test_parse_date_takes_the_date_as_written():
     assert parse_date("198808181126+0215") == date(1988, 8, 18)
     assert parse_date("20241104144000") == date(2024, 11, 4)

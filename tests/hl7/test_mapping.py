@@ -39,6 +39,7 @@ from hl7.mapping import (
     MappingError,
     apply_message,
     is_supported,
+    look_ahead,
 )
 from hl7.message import Message, escape, parse, split_messages
 from tests.conftest import CORPUS
@@ -331,6 +332,35 @@ def test_every_corpus_file(slotengine_scheduler, corpus_dir):
             if stem in EXPECTED and outcome != EXPECTED[stem]:
                 unexpected[stem] = outcome
     assert unexpected == {}
+
+
+def outcome_of(scheduler, message: Message, *, looked_ahead: bool) -> tuple:
+    """Status and warnings, or the errors, of one message applied in a rolled-back transaction."""
+    with scheduler.sessions() as session:
+        session.begin()
+        try:
+            view = scheduler.within(session)
+            if looked_ahead:
+                look_ahead(view, [message])
+            result = apply_message(view, message, mode="mirror", message_id=1)
+            return result.status, result.warnings
+        except MappingError as exc:
+            return "error", exc.errors
+        finally:
+            session.rollback()
+
+
+def test_looking_ahead_changes_no_outcome(slotengine_scheduler, corpus_dir):
+    """Applying reuses the identifiers and appointment ids ``look_ahead`` read: every
+    outcome, warning and error is the one of a message applied without it, also when
+    look_ahead could not read them (a PID-3 id too long to keep)."""
+    raws = [raw for path in sorted(corpus_dir.glob("*.hl7")) for raw in split_messages(path.read_bytes())]
+    raws.append("\r".join((MSH.format(type="ADT^A08^ADT_A01", control="L1"), "EVN|A08",
+                           f"PID|1||{'9' * 101}^^^HOSP^MR~S-1^^^SSA^SS||Long^Id")).encode())
+    for raw in raws:
+        assert outcome_of(slotengine_scheduler, parse(raw), looked_ahead=True) == \
+            outcome_of(slotengine_scheduler, parse(raw), looked_ahead=False), raw[:60]
+    assert codes(outcome_of(slotengine_scheduler, parse(raws[-1]), looked_ahead=True)[1]) == ["104 PID^1^3"]
 
 
 # --- msfhirconv: one appointment through S12 … S26 --------------------------------------------------

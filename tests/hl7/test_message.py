@@ -685,6 +685,37 @@ def test_generated_messages_round_trip(generated):
                         assert (got is NULL) == (want is NULL), (name, position, c, s, r)
 
 
+def assert_component_values_agree(msg: Message) -> None:
+    """component_values() is value() of components 1..n, NULL where value() says NULL."""
+    for segment in msg.segments:
+        for position in range(1, segment.field_count + 2):
+            for r in (1, 2, 3):
+                for count in (0, 1, 4):
+                    got = segment.component_values(position, count, r)
+                    want = [segment.value(position, c, 1, r) for c in range(1, count + 1)]
+                    where = (segment.name, position, count, r)
+                    assert got == want, where
+                    assert [v is NULL for v in got] == [v is NULL for v in want], where
+
+
+@GENERATED
+@given(messages())
+def test_generated_component_values_are_values(generated):
+    d, segments = generated
+    assert_component_values_agree(parse(build_message(segments, d)))
+
+
+@needs_corpus
+def test_corpus_component_values_are_values():
+    for path in CORPUS_FILES:
+        for raw in split_messages(path.read_bytes()):
+            try:
+                msg = parse(raw)
+            except HL7ParseError:
+                continue
+            assert_component_values_agree(msg)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages())
 def test_generated_messages_agree_with_hl7apy(generated):
