@@ -91,6 +91,7 @@ class Processor:
         self.last_error: Optional[str] = None
         self._depth_counted_at = 0.0
         self._guarded_until = 0.0
+        self._parsed_ahead: dict[int, Message] = {}  # the last claim's messages, by id
         self._writes = 0  # statements other than SELECT run on the engine: did a failed message write?
         self._counting: set = set()  # engines whose statements are counted
 
@@ -209,7 +210,11 @@ class Processor:
         after_id = 0
         view = self.scheduler.within(session)
         while rows := self._claim(session, after_id, allowed):
-            messages = [_parsed(row.raw) if allowed[row.sender] else None for row in rows]
+            # a batch that ends mid-claim leaves rows parsed for nothing: the next batch takes them
+            parsed_before = self._parsed_ahead
+            messages = [(parsed_before.get(row.id) or _parsed(row.raw)) if allowed[row.sender] else None
+                        for row in rows]
+            self._parsed_ahead = {row.id: message for row, message in zip(rows, messages) if message is not None}
             look_ahead(view, [message for message in messages if message is not None])
             yield from zip(rows, messages)
             after_id = rows[-1].id
