@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, Iterator, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, delete, event, exists, insert, inspect, or_, select, update
+from sqlalchemy import and_, bindparam, delete, event, exists, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, make_transient_to_detached, object_session, selectinload, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Session, object_session, sessionmaker
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from engine import calendar
 from engine.clock import Clock, SystemClock
@@ -110,6 +110,9 @@ _PATIENT_MERGED_INTO = select(Patient.__table__.c.merged_into_id).where(Patient.
 #: Rows written by ``_insert_row``: each model's INSERT … RETURNING every column
 _INSERT_RETURNING = {model: insert(model.__table__).returning(*model.__table__.columns)
                      for model in (Appointment, AppointmentResource, Coverage, Patient, PatientIdentifier)}
+#: their columns in that order, each with whether a None given is stored (else left to the default)
+_INSERTED_COLUMNS = {model: {column.key: column.type.should_evaluate_none for column in model.__table__.columns}
+                     for model in _INSERT_RETURNING}
 _SET_FILLER_ID = (update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
                   .values(filler_id=bindparam("new_filler_id")))
 # with the owner's row: an unmerged owner (nearly all) needs no load of its own, and a caller
@@ -130,12 +133,24 @@ _LOOK_UP_AT_ONCE = 32
 #: id, or None for none; new appointments are noted in it, a changed id or a rollback
 #: forgets it
 _APPOINTMENTS_LOOKED_UP = "slotengine.appointments_by_external_id"
+#: ``session.info`` key: ids of the appointments ``Scheduler.look_up_appointments`` loaded
+#: with FOR UPDATE (PostgreSQL) in this transaction, which ``_appointment`` need not lock
+#: again; forgotten when the transaction ends and on any rollback (rolling back to a
+#: savepoint releases the locks taken after it)
+_LOCKED_APPOINTMENTS = "slotengine.locked_appointments"
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_looked_up(session: Session, _transaction) -> None:
     session.info.pop(_OWNERS_LOOKED_UP, None)
     session.info.pop(_APPOINTMENTS_LOOKED_UP, None)
+    session.info.pop(_LOCKED_APPOINTMENTS, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _locks_released(session: Session, transaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_LOCKED_APPOINTMENTS, None)
 
 
 def _note_appointment(session: Session, appointment: "Appointment") -> None:
@@ -188,15 +203,26 @@ _BY_EXTERNAL_IDS = {
 }
 _BY_EXTERNAL_ID_LISTS = (select(Appointment).where(or_(Appointment.placer_id.in_(bindparam("placers", expanding=True)),
                                                         Appointment.filler_id.in_(bindparam("fillers", expanding=True))))
-                         .order_by(Appointment.id).options(selectinload(Appointment.resources)))
+                         .order_by(Appointment.id))
+_LOCK_BY_EXTERNAL_ID_LISTS = _BY_EXTERNAL_ID_LISTS.with_for_update()
+#: what selectinload(Appointment.resources) asks, built once: selectinload builds its query on every load
+_RESOURCES_OF = select(AppointmentResource).where(
+    AppointmentResource.appointment_id.in_(bindparam("appointment_ids", expanding=True)))
 _COVERAGE_OF = select(Coverage).where(Coverage.patient_id == bindparam("patient_id"),
                                       Coverage.payer_id == bindparam("payer_id"),
                                       Coverage.member_id == bindparam("member_id"))
-_SLOT_IDS = select(AppointmentSlot.slot_id).where(AppointmentSlot.appointment_id == bindparam("appointment_id"))
-_RELEASE_RESERVATIONS = delete(Reservation).where(Reservation.appointment_id == bindparam("for_appointment"))
-_PROVIDER_SLOTS = select(Slot.id).where(Slot.provider_id == bindparam("provider_id"), Slot.start < bindparam("end"),
-                                        Slot.end > bindparam("start"))
-_HOLDS_TIME = select(Reservation.appointment_id).where(Reservation.appointment_id == bindparam("appointment_id")).limit(1)
+# reservations and slot links are written with Core only (never pending in the session), so
+# these run on the session's connection: no autoflush, no ORM bookkeeping
+_SLOT_IDS = select(_APPOINTMENT_SLOTS.c.slot_id).where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id"))
+_RELEASE_RESERVATIONS = delete(_RESERVATIONS).where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id"))
+_RELEASE_SEATS = (update(_SLOTS).where(_SLOTS.c.id.in_(bindparam("slot_ids", expanding=True)), _SLOTS.c.booked > 0)
+                  .values(booked=_SLOTS.c.booked - 1))
+_UNLINK_SLOTS = delete(_APPOINTMENT_SLOTS).where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id"))
+_PROVIDER_SLOTS = select(_SLOTS.c.id).where(_SLOTS.c.provider_id == bindparam("provider_id"),
+                                            _SLOTS.c.start < bindparam("end"), _SLOTS.c.end > bindparam("start"))
+_TAKE_SEATS = (update(_SLOTS).where(_SLOTS.c.id.in_(bindparam("slot_ids", expanding=True)))
+               .values(booked=_SLOTS.c.booked + 1))
+_HOLDS_TIME = select(_RESERVATIONS.c.appointment_id).where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id")).limit(1)
 _APPOINTMENT_FOR_UPDATE = select(Appointment).where(Appointment.id == bindparam("appointment_id")).with_for_update()
 _PROVIDER_BLOCK = (select(_BLOCKS.c.provider_id, _BLOCKS.c.resource_id, _BLOCKS.c.start, _BLOCKS.c.end)
                    .where(_BLOCKS.c.active.is_(True), _BLOCKS.c.provider_id == bindparam("provider_id"),
@@ -241,25 +267,27 @@ def _insert_row(session: Session, row_object: Any) -> None:
     it as a clean persistent instance: the ORM flush of one row costs several times the
     statement itself, and every booking and new patient pays it.  The values are those the
     flush would send: a None is left to the column's default unless the type stores it."""
-    state = inspect(row_object)
-    columns = state.mapper.local_table.columns
+    state = instance_state(row_object)
+    stores_none = _INSERTED_COLUMNS[state.class_]
     values = {key: value for key, value in state.dict.items()
-              if key in columns and (value is not None or columns[key].type.should_evaluate_none)}
+              if key in stores_none and (value is not None or stores_none[key])}
     row = session.connection().execute(_INSERT_RETURNING[state.class_], values).one()
     if state.pending:
         session.expunge(row_object)
-    _as_stored(session, row_object, row)
-    if state.class_ is Appointment:
-        _note_appointment(session, row_object)
+    _as_stored(session, row_object, row)  # an appointment is noted by _appointment_flushed
 
 
 def _as_stored(session: Session, row_object: Any, row: Any) -> None:
-    """Make the transient ``row_object`` the persistent instance of the ``row`` just inserted."""
-    # every column as stored, defaults included; then it is the loaded, clean row of a
-    # persistent object, exactly as if the session had flushed it (what the ORM loader does)
-    inspect(row_object).dict.update(row._mapping)
-    make_transient_to_detached(row_object)
-    session.add(row_object)
+    """Make the transient ``row_object`` the persistent instance of the ``row`` just inserted:
+    every column as stored, defaults included, clean, exactly as if the session had flushed
+    it, so that a rollback takes it out of the session again (SQLite may give its id to the
+    next row).  Pending as ``Session.add`` makes it, less the save-update cascade, which costs
+    more than the rest together and finds nothing here (the related rows of the callers'
+    objects are written by INSERTs of their own); then persistent as the flush makes it."""
+    state = instance_state(row_object)
+    session._save_impl(state)
+    state.dict.update(zip(_INSERTED_COLUMNS[state.class_], row))
+    session._register_persistent({state})
 
 
 def _assign(row_object: Any, **values: Any) -> None:
@@ -393,7 +421,8 @@ class Scheduler:
     # --- lookups ---------------------------------------------------------------
 
     def _appointment(self, session: Session, appointment_id: int, *, lock: bool = True) -> Appointment:
-        if lock and session.get_bind().dialect.name == "postgresql":
+        if lock and session.get_bind().dialect.name == "postgresql" and \
+                appointment_id not in session.info.get(_LOCKED_APPOINTMENTS, ()):
             appointment = session.scalars(_APPOINTMENT_FOR_UPDATE, {"appointment_id": appointment_id}).one_or_none()
         else:
             # SQLite's BEGIN IMMEDIATE already holds the write lock, so FOR UPDATE would add nothing;
@@ -425,7 +454,9 @@ class Scheduler:
     def look_up_appointments(self, placer_ids: Sequence[str], filler_ids: Sequence[str]) -> None:
         """Look up many appointments by placer and filler id with one query (their
         resources with a second), for the work about to be done in this transaction (a view
-        bound by ``within``): ``find_appointment`` then needs no query of its own for them."""
+        bound by ``within``): ``find_appointment`` then needs no query of its own for them.
+        On PostgreSQL they are locked (FOR UPDATE) as they are loaded, so that ``_appointment``
+        need not lock them one by one."""
         with self.sessions() as session:
             looked_up = session.info.setdefault(_APPOINTMENTS_LOOKED_UP, {})
             keys = [key for key in dict.fromkeys([("placer", p) for p in placer_ids if p]
@@ -436,10 +467,25 @@ class Scheduler:
             placers = [value for kind, value in keys if kind == "placer"]
             fillers = [value for kind, value in keys if kind == "filler"]
             looked_up.update((key, None) for key in keys)
-            for appointment in session.scalars(_BY_EXTERNAL_ID_LISTS, {"placers": placers, "fillers": fillers}):
+            locked = session.info.setdefault(_LOCKED_APPOINTMENTS, set()) \
+                if session.get_bind().dialect.name == "postgresql" else None
+            statement = _BY_EXTERNAL_ID_LISTS if locked is None else _LOCK_BY_EXTERNAL_ID_LISTS
+            appointments = session.scalars(statement, {"placers": placers, "fillers": fillers}).all()
+            for appointment in appointments:
+                if locked is not None:
+                    locked.add(appointment.id)
                 for key in (("placer", appointment.placer_id), ("filler", appointment.filler_id)):
                     if key in looked_up and looked_up[key] is None:
                         looked_up[key] = appointment  # in id order: the first is the oldest
+            # their resources: a collection already loaded (or changed) in this session is kept
+            unloaded = {appointment.id: appointment for appointment in appointments
+                        if "resources" not in instance_state(appointment).dict}
+            if unloaded:
+                resources: dict[int, list[AppointmentResource]] = {appointment_id: [] for appointment_id in unloaded}
+                for link in session.scalars(_RESOURCES_OF, {"appointment_ids": list(unloaded)}):
+                    resources[link.appointment_id].append(link)
+                for appointment_id, links in resources.items():
+                    set_committed_value(unloaded[appointment_id], "resources", links)
 
     def appointment(self, appointment_id: int) -> Appointment:
         with self.sessions() as session:
@@ -738,7 +784,7 @@ class Scheduler:
         return self.plugins.check_booking(session, appointment, patient, action)
 
     def _slot_ids(self, session: Session, appointment_id: int) -> list[int]:
-        return list(session.scalars(_SLOT_IDS, {"appointment_id": appointment_id}))
+        return list(session.connection().execute(_SLOT_IDS, {"appointment_id": appointment_id}).scalars())
 
     def _occupy(self, session: Session, appointment: Appointment, request: BookingRequest, now: datetime,
                 claimed_slot_ids: Optional[list[int]] = None,
@@ -970,14 +1016,12 @@ class Scheduler:
 
     def _release(self, session: Session, appointment: Appointment) -> list[int]:
         """Give back the appointment's time; returns the freed slot ids."""
-        session.execute(_RELEASE_RESERVATIONS, {"for_appointment": appointment.id})
+        connection = session.connection()
+        connection.execute(_RELEASE_RESERVATIONS, {"appointment_id": appointment.id})
         slot_ids = self._slot_ids(session, appointment.id)
         if slot_ids:
-            session.execute(
-                update(Slot).where(Slot.id.in_(slot_ids), Slot.booked > 0).values(booked=Slot.booked - 1)
-                .execution_options(synchronize_session=False)
-            )
-            session.execute(delete(AppointmentSlot).where(AppointmentSlot.appointment_id == appointment.id))
+            connection.execute(_RELEASE_SEATS, {"slot_ids": slot_ids})
+            connection.execute(_UNLINK_SLOTS, {"appointment_id": appointment.id})
         return slot_ids
 
     @staticmethod
@@ -1361,6 +1405,9 @@ class Scheduler:
     def _settle_by_owner_message(self, session: Session, work: _Work, appointment: Appointment, kind: str,
                                  actor: Actor) -> None:
         """The owner's own schedule message is the confirmation a request waits for."""
+        # nearly always none: asked with Core first (the caller's _record flushed), loaded only if any
+        if session.connection().execute(_ANY_OPEN_REQUEST_OF, {"appointment_id": appointment.id}).first() is None:
+            return
         now = self.clock.now()
         released = Status(appointment.status) in RELEASING
         for asked in session.scalars(_OPEN_REQUESTS_OF, {"appointment_id": appointment.id}):
@@ -1478,6 +1525,7 @@ class Scheduler:
             raise InvalidRequest("a patient needs at least one identifier")
         now = self.clock.now()
         with self.unit_of_work() as (session, work):
+            looked_up = session.info.get(_OWNERS_LOOKED_UP)
             ids = self._patient_ids(session, record.identifiers) if named is None else named
             patient = session.get(Patient, ids[0]) if ids else None
             created = patient is None
@@ -1508,6 +1556,9 @@ class Scheduler:
                     identifiers.append(identifier)
                 set_committed_value(patient, "identifiers", identifiers)  # so the returned patient lists them
                 added = keys
+            elif looked_up is not None and all(looked_up.get((i.authority, i.type_code, i.value)) is patient
+                                               for i in record.identifiers):
+                added = []  # it holds every one (looked up ahead): its identifiers need no load
             else:
                 session.flush()
                 known = {(i.authority, i.type_code, i.value) for i in patient.identifiers}
@@ -1521,7 +1572,6 @@ class Scheduler:
                         known.add(key)
                         added.append(key)
                 session.flush()
-            looked_up = session.info.get(_OWNERS_LOOKED_UP)
             if looked_up is not None:
                 looked_up.update((key, patient) for key in added)
             self._record(session, work, Change("patient_registered" if created else "patient_updated", None, "", "",
@@ -1621,8 +1671,6 @@ class Scheduler:
                 setattr(coverage, name, getattr(record, name))
             if created:
                 _insert_row(session, coverage)
-            else:
-                session.flush()
             self._record(session, work, Change("coverage_recorded", None, "", record.verification_status, actor,
                                                detail={"patient_id": patient_id, "coverage_id": coverage.id}),
                          entity="coverage", entity_id=coverage.id)
@@ -1840,7 +1888,7 @@ class Scheduler:
             session.flush()
             # a row inserted just now, or whose time was given back above, holds no reservations
             holds_time = not (created or released) and \
-                session.scalar(_HOLDS_TIME, {"appointment_id": appointment.id}) is not None
+                session.connection().execute(_HOLDS_TIME, {"appointment_id": appointment.id}).first() is not None
             if target in OCCUPYING and not holds_time:
                 _assign(appointment, conflict=self._occupy_as_told(session, appointment, unlinked=created or released))
             elif target not in OCCUPYING:
@@ -1870,6 +1918,7 @@ class Scheduler:
     def _occupy_as_told(self, session: Session, appointment: Appointment, *, unlinked: bool = False) -> str:
         """Take what time is free for this appointment; describe what was not.
         ``unlinked``: no slot links it (inserted, or its time given back, by this call)."""
+        connection = session.connection()
         problems = []
         subjects = []
         if appointment.provider_id is not None:
@@ -1885,21 +1934,21 @@ class Scheduler:
                 for subject in subjects for u in unit_range]))
             for subject in subjects:
                 if taken[subject] < len(unit_range):
-                    others = sorted(set(session.scalars(select(Reservation.appointment_id).where(
-                        Reservation.subject == subject, Reservation.unit.in_(unit_range),
-                        Reservation.appointment_id != appointment.id))))
+                    others = sorted(set(connection.execute(select(_RESERVATIONS.c.appointment_id).where(
+                        _RESERVATIONS.c.subject == subject, _RESERVATIONS.c.unit.in_(unit_range),
+                        _RESERVATIONS.c.appointment_id != appointment.id)).scalars()))
                     problems.append(f"{subject} overlaps appointment(s) {', '.join(map(str, others))}")
         if appointment.provider_id is not None:
             # an appointment whose every minute overlapped others holds no reservations yet keeps its slot
             # links: a later message about it must not count it into those slots twice
             linked = set() if unlinked else set(self._slot_ids(session, appointment.id))
-            slot_ids = [s for s in session.scalars(_PROVIDER_SLOTS, {"provider_id": appointment.provider_id,
-                                                                     "start": appointment.start, "end": appointment.end})
+            slot_ids = [s for s in connection.execute(_PROVIDER_SLOTS, {"provider_id": appointment.provider_id,
+                                                                        "start": appointment.start,
+                                                                        "end": appointment.end}).scalars()
                         if s not in linked]
             if slot_ids:
-                session.execute(update(Slot).where(Slot.id.in_(slot_ids)).values(booked=Slot.booked + 1)
-                                .execution_options(synchronize_session=False))
-                session.add_all(AppointmentSlot(appointment_id=appointment.id, slot_id=s) for s in slot_ids)
+                connection.execute(_TAKE_SEATS, {"slot_ids": slot_ids})
+                connection.execute(_LINK_SLOT, [{"appointment_id": appointment.id, "slot_id": s} for s in slot_ids])
         return "; ".join(problems)
 
     # --- calendars -----------------------------------------------------------------
@@ -1989,6 +2038,11 @@ _OPEN_REQUESTS_OF = (select(ChangeRequest)
                      .where(ChangeRequest.appointment_id == bindparam("appointment_id"),
                             ChangeRequest.status.in_(_OPEN_REQUESTS))
                      .order_by(ChangeRequest.id))
+_CHANGE_REQUESTS = ChangeRequest.__table__
+_ANY_OPEN_REQUEST_OF = (select(_CHANGE_REQUESTS.c.id)
+                        .where(_CHANGE_REQUESTS.c.appointment_id == bindparam("appointment_id"),
+                               _CHANGE_REQUESTS.c.status.in_(_OPEN_REQUESTS))
+                        .limit(1))
 
 
 def _request_detail(asked: ChangeRequest) -> dict[str, Any]:

@@ -141,3 +141,17 @@ def test_merge_repoints_everything_and_old_identifiers_find_the_survivor(sch, re
     # and booking under the retired record books the survivor
     later = book(sch, duplicate.id, slot_at(sch, "DRSMITH", local(TUESDAY, "11:00")).id)
     assert later.patient_id == survivor.id
+
+
+def test_a_patient_rolled_back_with_its_savepoint_leaves_the_session(sch):
+    """SQLite gives a rolled-back row's id to the next row: the next patient must not meet
+    the first one still in the session under that id."""
+    with sch.sessions() as session, session.begin():
+        view = sch.within(session)
+        with pytest.raises(RuntimeError), session.begin_nested():
+            gone = view.register_patient(PatientRecord(identifiers=[MRN], family_name="Gone"), STAFF)
+            raise RuntimeError("the message failed")
+        assert gone not in session
+        kept = view.register_patient(PatientRecord(identifiers=[SSN], family_name="Kept"), STAFF)
+        assert session.get(Patient, kept.id) is kept and kept.family_name == "Kept"
+    assert sch.find_patient([MRN]) is None and sch.find_patient([SSN]).family_name == "Kept"
