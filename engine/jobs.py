@@ -28,6 +28,7 @@ The daemon wires it up as::
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, false, insert, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
@@ -411,13 +412,16 @@ _PLAN_ONCE = {  # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON 
     name: module.insert(_TASKS).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(_TASKS.c.id)
     for name, module in (("postgresql", pg_dialect), ("sqlite", sqlite_dialect))
 }
-_WITHDRAW_TASKS = (
-    update(PluginTask)
-    .where(PluginTask.plugin == bindparam("for_plugin"), PluginTask.kind.in_(bindparam("kinds", expanding=True)),
-           PluginTask.appointment_id == bindparam("for_appointment"), PluginTask.status == "pending")
-    .values(status="withdrawn")
-    .execution_options(synchronize_session=False)
-)
+
+
+@functools.cache
+def _withdraw_statement(kinds: tuple[str, ...]) -> Any:
+    """The UPDATE withdrawing ``kinds``, one per tuple of kinds: written ``kind = … OR …``, as an
+    IN list's expanding parameter is rendered into the SQL again at every execution."""
+    return (update(_TASKS)
+            .where(_TASKS.c.plugin == bindparam("for_plugin"), or_(false(), *(_TASKS.c.kind == kind for kind in kinds)),
+                   _TASKS.c.appointment_id == bindparam("for_appointment"), _TASKS.c.status == "pending")
+            .values(status="withdrawn"))
 
 
 def plan_task(session: Session, *, plugin: str, kind: str, due_at: datetime, now: datetime,
@@ -432,13 +436,13 @@ def plan_task(session: Session, *, plugin: str, kind: str, due_at: datetime, now
     if dedupe_key is None:
         session.connection().execute(_PLAN, values)  # Core: the ORM's unit of work for one row costs several times more
         return True
-    inserted = session.execute(_PLAN_ONCE[session.get_bind().dialect.name], values).first()
+    inserted = session.connection().execute(_PLAN_ONCE[session.get_bind().dialect.name], values).first()
     return inserted is not None
 
 
 def withdraw_tasks(session: Session, *, plugin: str, kinds: Iterable[str], appointment_id: int) -> int:
-    return session.execute(_WITHDRAW_TASKS, {"for_plugin": plugin, "kinds": list(kinds),
-                                             "for_appointment": appointment_id}).rowcount
+    return session.execute(_withdraw_statement(tuple(kinds)),
+                           {"for_plugin": plugin, "for_appointment": appointment_id}).rowcount
 
 
 def sweep_tasks(context: JobContext, *, plugin: str, kinds: Sequence[str],

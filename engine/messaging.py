@@ -7,6 +7,7 @@ date and time and how to answer, no more.
 """
 from __future__ import annotations
 
+import functools
 from datetime import datetime, time, timedelta
 from typing import Any, Iterable, Optional
 
@@ -19,12 +20,15 @@ from engine.requests import Change
 
 _KEPT = "slotengine.messaging.kept"
 _REGISTERED = "slotengine.messaging.registered"
+# Core on the tables (the session still autoflushes for them): the ORM's handling of a
+# statement naming mapped attributes costs more than the query, which bookings run often.
+_IDENTIFIERS = PatientIdentifier.__table__
+_FLAGS = PatientFlag.__table__
 # the patient's first MR number, in identifier order (as the loaded relationship lists them)
-_FIRST_MRN = (select(PatientIdentifier.value)
-              .where(PatientIdentifier.patient_id == bindparam("patient_id"), PatientIdentifier.type_code == "MR")
-              .order_by(PatientIdentifier.id).limit(1))
-_OPT_OUTS = select(PatientFlag.flag).where(PatientFlag.patient_id == bindparam("patient_id"),
-                                           PatientFlag.flag.like("opt_out:%"))
+_FIRST_MRN = (select(_IDENTIFIERS.c.value)
+              .where(_IDENTIFIERS.c.patient_id == bindparam("patient_id"), _IDENTIFIERS.c.type_code == "MR")
+              .order_by(_IDENTIFIERS.c.id).limit(1))
+_OPT_OUTS = select(_FLAGS.c.flag).where(_FLAGS.c.patient_id == bindparam("patient_id"), _FLAGS.c.flag.like("opt_out:%"))
 
 #: Channels that reach a patient, and the patient field each needs.
 PATIENT_CHANNELS = ("email", "sms", "voice")
@@ -131,16 +135,23 @@ def outside_quiet_hours(due: datetime, tz: str, quiet_start: time, quiet_end: ti
 
 
 def kept(session: Session, model: type, ident: int) -> Any:
-    """``session.get(model, ident)`` for the few reference rows (locations, providers) that
-    change after change names again: held until the transaction ends, so loaded once in it
-    (the session's identity map alone holds rows weakly)."""
+    """The row of ``model`` (a location, a provider: the few reference rows that change after
+    change names again) with primary key ``ident``, read once in the transaction and held
+    until it ends.  A plain row to read (``row.name``), not the mapped object: loading that
+    costs several times the query."""
     held = session.info.setdefault(_KEPT, {})
     row = held.get((model, ident))
     if row is None:
-        row = session.get(model, ident)
+        row = session.execute(_by_primary_key(model), {"ident": ident}).first()
         if row is not None:
             held[(model, ident)] = row
     return row
+
+
+@functools.cache
+def _by_primary_key(model: type) -> Any:
+    table = model.__table__
+    return select(table).where(table.primary_key.columns[0] == bindparam("ident"))
 
 
 def follow_registrations(session: Session, owner: str, change: Change) -> set[int]:
@@ -183,7 +194,7 @@ def _forget_on_rollback(session: Session, _transaction) -> None:
 
 
 def _mrn(session: Session, patient: Patient) -> str:
-    if "identifiers" not in inspect(patient).unloaded:  # the relationship is at hand: no query
+    if "identifiers" in inspect(patient).dict:  # the relationship is loaded: no query
         return next((i.value for i in patient.identifiers if i.type_code == "MR"), "")
     return session.scalar(_FIRST_MRN, {"patient_id": patient.id}) or ""
 

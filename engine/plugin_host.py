@@ -114,6 +114,16 @@ class JobRegistration:
 _STRENGTH = {"allow": 0, "review": 1, "veto": 2}
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A hook implementation as the host calls it: looked up once, not at every call."""
+
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+    observe: Callable[[float], None]  # its (plugin, hook) child of slotengine_plugin_seconds
+
+
 class PluginHost:
     def __init__(
         self,
@@ -126,7 +136,7 @@ class PluginHost:
     ):
         self.metrics = metrics or Metrics()
         self._in_flight: dict[int, tuple[str, str, float]] = {}
-        self._seconds: dict[tuple[str, str], Any] = {}  # (plugin, hook) -> its labelled histogram
+        self._prepared: dict[str, tuple[list, list[_Call]]] = {}  # hook -> (pluggy's impls, their calls)
         self._tokens = itertools.count()
         self._notifiers: Optional[dict[str, "_Notifier"]] = None
         self._max_pending = 10_000
@@ -219,6 +229,18 @@ class PluginHost:
         """Implementations in pluggy's call order: tryfirst, newest first, trylast."""
         return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
 
+    def _calls(self, hook_name: str) -> list[_Call]:
+        """``_impls``, each with its latency histogram: prepared again only when pluggy's
+        list changes (a plugin registered or unregistered through ``pm``)."""
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        prepared = self._prepared.get(hook_name)
+        if prepared is None or prepared[0] != impls:
+            calls = [_Call(impl.plugin_name, impl.function, tuple(impl.argnames),
+                           self.metrics.plugin_seconds.labels(impl.plugin_name, hook_name).observe)
+                     for impl in reversed(impls)]
+            prepared = self._prepared[hook_name] = (impls, calls)
+        return prepared[1]
+
     def _failed(self, plugin: str, hook_name: str, exc: BaseException) -> None:
         self.metrics.plugin_errors.labels(plugin, hook_name).inc()
         log.error(
@@ -230,20 +252,20 @@ class PluginHost:
     def _each(self, hook_name: str, kwargs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         """Yield (plugin name, result or exception) for each implementation."""
         kwargs = {"context": self.context, **kwargs}
-        for impl in self._impls(hook_name):
-            args = [kwargs[name] for name in impl.argnames]
+        for call in self._calls(hook_name):
+            args = [kwargs[name] for name in call.argnames]
             started = time.perf_counter()
-            token = self._enter(impl.plugin_name, hook_name, started)
+            token = self._enter(call, hook_name, started)
             try:
-                result = impl.function(*args)
+                result = call.function(*args)
             except Exception as exc:  # noqa: BLE001 - policy applied by the caller
-                self._failed(impl.plugin_name, hook_name, exc)
+                self._failed(call.plugin, hook_name, exc)
                 outcome: Any = exc
             else:
                 outcome = result
             finally:
-                self._done(token, impl.plugin_name, hook_name, started)
-            yield impl.plugin_name, outcome
+                self._done(token, call, started)
+            yield call.plugin, outcome
 
     def _each_in_savepoint(self, session: "Session", hook_name: str, kwargs: dict[str, Any]) -> None:
         """Call every implementation; a failure undoes only its own work.
@@ -252,54 +274,59 @@ class PluginHost:
         each, for every plugin of every change); only when one fails is that
         work rolled back and every implementation run again, each in a
         savepoint of its own, so the end result is the same."""
-        impls = self._impls(hook_name)
-        if not impls:
+        calls = self._calls(hook_name)
+        if not calls:
             return
         kwargs = {"context": self.context, "session": session, **kwargs}
         if session.info.get(UNGUARDED_HOOKS):
-            self._each_unguarded(impls, hook_name, kwargs)
+            failed = self._in_turn(calls, hook_name, kwargs)
+            if failed is not None:  # logged and counted when the caller redoes it guarded
+                raise UnguardedHookFailed(failed[0].plugin, hook_name) from failed[1]
             return
         savepoint = session.begin_nested()
-        started = time.perf_counter()
-        for impl in impls:
-            token = self._enter(impl.plugin_name, hook_name, started)
-            try:
-                impl.function(*[kwargs[name] for name in impl.argnames])
-            except Exception:  # noqa: BLE001 - redone one by one below, where it is logged
-                break
-            finally:
-                started = self._done(token, impl.plugin_name, hook_name, started)
-        else:
+        if self._in_turn(calls, hook_name, kwargs) is None:
             savepoint.commit()
             return
-        savepoint.rollback()
-        self._each_in_own_savepoint(session, impls, hook_name, kwargs)
+        savepoint.rollback()  # and redone one by one, where the failure is logged
+        self._each_in_own_savepoint(session, calls, hook_name, kwargs)
 
-    def _each_unguarded(self, impls: list, hook_name: str, kwargs: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        for impl in impls:
-            token = self._enter(impl.plugin_name, hook_name, started)
-            try:
-                impl.function(*[kwargs[name] for name in impl.argnames])
-            except Exception as exc:  # noqa: BLE001 - logged and counted when the caller redoes it guarded
-                raise UnguardedHookFailed(impl.plugin_name, hook_name) from exc
-            finally:
-                started = self._done(token, impl.plugin_name, hook_name, started)
+    def _in_turn(self, calls: list[_Call], hook_name: str, kwargs: dict[str, Any]) -> Optional[tuple[_Call, Exception]]:
+        """Call one implementation after another until one raises: that one and its exception,
+        or None.  Every change runs this for every plugin, so it is lean: one clock reading
+        ends a call's time and starts the next's, and one ``_in_flight`` entry names the call
+        running."""
+        token, clock = next(self._tokens), time.perf_counter
+        started = clock()
+        try:
+            for call in calls:
+                self._in_flight[token] = (call.plugin, hook_name, started)
+                try:
+                    call.function(*[kwargs[name] for name in call.argnames])
+                except Exception as exc:  # noqa: BLE001 - the caller applies the hook's policy
+                    return call, exc
+                finally:
+                    ended = clock()
+                    call.observe(ended - started)
+                    started = ended
+            return None
+        finally:
+            self._in_flight.pop(token, None)  # None: there was no call
 
-    def _each_in_own_savepoint(self, session: "Session", impls: list, hook_name: str, kwargs: dict[str, Any]) -> None:
-        for impl in impls:
+    def _each_in_own_savepoint(self, session: "Session", calls: list[_Call], hook_name: str,
+                               kwargs: dict[str, Any]) -> None:
+        for call in calls:
             started = time.perf_counter()
             savepoint = session.begin_nested()
-            token = self._enter(impl.plugin_name, hook_name, started)
+            token = self._enter(call, hook_name, started)
             try:
-                impl.function(*[kwargs[name] for name in impl.argnames])
+                call.function(*[kwargs[name] for name in call.argnames])
             except Exception as exc:  # noqa: BLE001 - fail open, keep the caller's work
                 savepoint.rollback()
-                self._failed(impl.plugin_name, hook_name, exc)
+                self._failed(call.plugin, hook_name, exc)
             else:
                 savepoint.commit()
             finally:
-                self._done(token, impl.plugin_name, hook_name, started)
+                self._done(token, call, started)
 
     # --- lifecycle and registration -------------------------------------------
 
@@ -532,14 +559,17 @@ class PluginHost:
         """Tell every plugin about a committed change: inline, or — once the
         daemon has called ``notify_in_background`` — each plugin in its own
         worker thread, so a slow or hung plugin delays only its own notices."""
+        hook_name = "slotengine_after_change"
         if self._notifiers is None:
-            for _plugin, _outcome in self._each("slotengine_after_change", {"change": change}):
-                pass  # failures are logged and counted by _each; notifications fail open
+            calls, kwargs = self._calls(hook_name), {"context": self.context, "change": change}
+            while (failed := self._in_turn(calls, hook_name, kwargs)) is not None:
+                self._failed(failed[0].plugin, hook_name, failed[1])  # notifications fail open: the rest still run
+                calls = calls[calls.index(failed[0]) + 1:]
             return
-        for impl in self._impls("slotengine_after_change"):
-            worker = self._notifiers.get(impl.plugin_name)
+        for call in self._calls(hook_name):
+            worker = self._notifiers.get(call.plugin)
             if worker is None:
-                worker = self._notifiers[impl.plugin_name] = _Notifier(self, impl.plugin_name)
+                worker = self._notifiers[call.plugin] = _Notifier(self, call.plugin)
             worker.submit(change)
 
     def notify_in_background(self, max_pending: int = 10_000) -> None:
@@ -552,37 +582,31 @@ class PluginHost:
             worker.stop(timeout)
 
     def _notify_one(self, plugin_name: str, change: "Change") -> None:
-        for impl in self._impls("slotengine_after_change"):
-            if impl.plugin_name != plugin_name:
+        for call in self._calls("slotengine_after_change"):
+            if call.plugin != plugin_name:
                 continue
             kwargs = {"context": self.context, "change": change}
             started = time.perf_counter()
-            token = self._enter(plugin_name, "slotengine_after_change", started)
+            token = self._enter(call, "slotengine_after_change", started)
             try:
-                impl.function(*[kwargs[name] for name in impl.argnames])
+                call.function(*[kwargs[name] for name in call.argnames])
             except Exception as exc:  # noqa: BLE001 - notifications fail open
                 self._failed(plugin_name, "slotengine_after_change", exc)
             finally:
-                self._done(token, plugin_name, "slotengine_after_change", started)
+                self._done(token, call, started)
 
     # --- watchdog ---------------------------------------------------------------
 
-    def _enter(self, plugin: str, hook: str, started: float) -> int:
+    def _enter(self, call: _Call, hook: str, started: float) -> int:
         """Note a call begun at ``started`` (``time.perf_counter()``) for ``stuck_calls``."""
         token = next(self._tokens)
-        self._in_flight[token] = (plugin, hook, started)
+        self._in_flight[token] = (call.plugin, hook, started)
         return token
 
-    def _done(self, token: int, plugin: str, hook: str, started: float) -> float:
-        """The call ``_enter`` noted has returned: its time observed; returns the time now,
-        so that calls run one after another are timed with one clock reading each."""
-        ended = time.perf_counter()
-        self._in_flight.pop(token, None)
-        seconds = self._seconds.get((plugin, hook))
-        if seconds is None:  # labels() looks the child up by a tuple of strings each time
-            seconds = self._seconds[(plugin, hook)] = self.metrics.plugin_seconds.labels(plugin, hook)
-        seconds.observe(ended - started)
-        return ended
+    def _done(self, token: int, call: _Call, started: float) -> None:
+        """The call ``_enter`` noted has returned: its time observed."""
+        del self._in_flight[token]
+        call.observe(time.perf_counter() - started)
 
     def stuck_calls(self, longer_than: float = 10.0) -> list[dict[str, Any]]:
         """Plugin calls running longer than ``longer_than`` seconds, for health and logs.
@@ -639,28 +663,28 @@ class PluginHost:
         ``PluginError`` naming the plugin."""
         hook_name = "slotengine_referral_received"
         kwargs = {"context": self.context, "session": session, "referral": referral}
-        for impl in self._impls(hook_name):
+        for call in self._calls(hook_name):
             started = time.perf_counter()
             savepoint = session.begin_nested()
-            token = self._enter(impl.plugin_name, hook_name, started)
+            token = self._enter(call, hook_name, started)
             try:
-                result = impl.function(*[kwargs[name] for name in impl.argnames])
+                result = call.function(*[kwargs[name] for name in call.argnames])
             except Exception as exc:
                 if savepoint.is_active:
                     savepoint.rollback()
-                self._failed(impl.plugin_name, hook_name, exc)
+                self._failed(call.plugin, hook_name, exc)
                 raise
             else:
                 if result is None or (isinstance(result, int) and not isinstance(result, bool)):
                     savepoint.commit()
                 else:
                     savepoint.rollback()
-                    error = PluginError(f"plugin {impl.plugin_name!r} answered {hook_name} with a "
-                                        f"{type(result).__name__}, not a referral id", impl.plugin_name)
-                    self._failed(impl.plugin_name, hook_name, error)
+                    error = PluginError(f"plugin {call.plugin!r} answered {hook_name} with a "
+                                        f"{type(result).__name__}, not a referral id", call.plugin)
+                    self._failed(call.plugin, hook_name, error)
                     raise error
             finally:
-                self._done(token, impl.plugin_name, hook_name, started)
+                self._done(token, call, started)
             if result is not None:
                 return result
         return None

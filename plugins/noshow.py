@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any, Collection, Iterable, Iterator, Optional, Sequence
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
@@ -99,9 +99,12 @@ COUNTED = ("no_show", "cancelled")
 MODEL_CACHE_SECONDS = 60.0  # another daemon's refit is seen within this
 _ESTIMATES = ShowEstimate.__table__
 _APPOINTMENTS = Appointment.__table__
-_EVENTS = select(_APPOINTMENTS.c.patient_id, _APPOINTMENTS.c.start, _APPOINTMENTS.c.status,
-                 _APPOINTMENTS.c.updated_at).where(_APPOINTMENTS.c.patient_id.in_(bindparam("patient_ids", expanding=True)),
-                                                   _APPOINTMENTS.c.status.in_(COUNTED))
+# ``status = … OR …``, and ``patient_id = …`` for the one patient a booking asks about: an IN
+# list's expanding parameter is rendered into the SQL again at every execution
+_COUNTED_EVENTS = select(_APPOINTMENTS.c.patient_id, _APPOINTMENTS.c.start, _APPOINTMENTS.c.status,
+                         _APPOINTMENTS.c.updated_at).where(or_(*(_APPOINTMENTS.c.status == s for s in COUNTED)))
+_EVENTS_OF_ONE = _COUNTED_EVENTS.where(_APPOINTMENTS.c.patient_id == bindparam("patient_id"))
+_EVENTS = _COUNTED_EVENTS.where(_APPOINTMENTS.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
 
 
 def _upsert(dialect) -> Any:
@@ -220,11 +223,12 @@ def _patient_events(session: Session, patient_ids: Iterable[int]) -> dict[int, l
     """Each patient's no-shows and cancellations: (start, status, when last changed)."""
     ids = sorted(set(patient_ids))
     events: dict[int, list[tuple[datetime, str, datetime]]] = {p: [] for p in ids}
-    for i in range(0, len(ids), 500):
+    queries = [(_EVENTS_OF_ONE, {"patient_id": ids[0]})] if len(ids) == 1 else \
+        [(_EVENTS, {"patient_ids": ids[i:i + 500]}) for i in range(0, len(ids), 500)]
+    for query, params in queries:
         # Core on the session's connection: every booking pays for this query, and the
         # ORM's own overhead would be most of it (the change is flushed before plugins run)
-        for patient_id, start, status, updated_at in session.connection().execute(
-                _EVENTS, {"patient_ids": ids[i:i + 500]}):
+        for patient_id, start, status, updated_at in session.connection().execute(query, params):
             events[patient_id].append((start, status, updated_at))
     return events
 

@@ -437,11 +437,19 @@ def slotengine_route_referral(session: Session, referral: dict[str, Any], contex
 # --- following the consult ----------------------------------------------------------------------------
 
 
-_LINKED = select(Referral).where(Referral.appointment_id == bindparam("appointment_id"))
-_WAITING = (select(Referral)
-            .where(Referral.patient_id == bindparam("patient_id"), Referral.status == "waitlisted",
-                   Referral.specialty.in_(bindparam("specialties", expanding=True)))
-            .order_by(Referral.received_at))
+# Core, for the id only: most bookings have no referral, and the ORM's handling of a query
+# for the entity costs more than the query; the one found is then loaded by its id
+_REFERRALS = Referral.__table__
+_LINKED = select(_REFERRALS.c.id).where(_REFERRALS.c.appointment_id == bindparam("appointment_id"))
+_WAITING = (select(_REFERRALS.c.id)
+            .where(_REFERRALS.c.patient_id == bindparam("patient_id"), _REFERRALS.c.status == "waitlisted",
+                   _REFERRALS.c.specialty.in_(bindparam("specialties", expanding=True)))
+            .order_by(_REFERRALS.c.received_at))
+
+
+def _first_referral(session: Session, query: Any, params: dict[str, Any]) -> Optional[Referral]:
+    referral_id = session.scalars(query, params).first()
+    return session.get(Referral, referral_id) if referral_id is not None else None
 
 
 @hookimpl(trylast=True)
@@ -459,7 +467,7 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
     # created (from "requested") has none yet
     if change.kind not in FOLLOWED or change.from_state == "requested":
         return
-    linked = session.scalars(_LINKED, {"appointment_id": change.appointment_id}).first()
+    linked = _first_referral(session, _LINKED, {"appointment_id": change.appointment_id})
     if linked is None:
         return
     if change.kind == "completed":
@@ -493,8 +501,8 @@ def _link_waiting(context, session: Session, change: Change, without_referrals: 
     provider = kept(session, Provider, appointment.provider_id)
     if provider is None or not provider.specialties:
         return
-    waiting = session.scalars(_WAITING, {"patient_id": appointment.patient_id,
-                                         "specialties": list(provider.specialties)}).first()
+    waiting = _first_referral(session, _WAITING, {"patient_id": appointment.patient_id,
+                                                  "specialties": list(provider.specialties)})
     if waiting is not None:
         waiting.appointment_id, waiting.provider_id = appointment.id, provider.id
         _step(waiting, "booked", f"appointment {appointment.id} ({change.actor.label})", now)

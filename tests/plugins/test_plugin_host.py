@@ -5,13 +5,14 @@ import logging
 from datetime import date, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
 
 from engine.errors import BookingVetoed
 from engine.jobs import make_context
 from engine.models import OutboxItem
 from engine.plugin import hookimpl
-from engine.plugin_host import PluginError, PluginHost
+from engine.plugin_host import UNGUARDED_HOOKS, PluginError, PluginHost, UnguardedHookFailed
 from engine.requests import BookingRequest, SlotQuery
 from engine.testing import DEMO_CLINIC
 from tests.plugins.helpers import STAFF, Clinic
@@ -149,6 +150,74 @@ def test_a_raising_registration_names_the_plugin():
 
     with pytest.raises(PluginError, match="'broken'.*no SMTP host"):
         host(("broken", Broken())).channels()
+
+
+# --- watchdog and timing ---------------------------------------------------------------------------
+
+
+def calls_timed(h: PluginHost, plugin: str, hook: str) -> float:
+    return h.metrics.registry.get_sample_value("slotengine_plugin_seconds_count", {"plugin": plugin, "hook": hook}) or 0
+
+
+class Unguarded:
+    """Just what ``schedule_changed`` needs of a session when it runs without savepoints."""
+
+    info = {UNGUARDED_HOOKS: True}
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_the_call_running_is_named_by_stuck_calls_and_each_call_is_timed(guarded):
+    seen = {}
+
+    class Watched:
+        def __init__(self, name):
+            self.name = name
+
+        @hookimpl
+        def slotengine_schedule_changed(self, change):
+            seen[self.name] = h.stuck_calls(longer_than=-1)
+
+    h = host(("first", Watched("first")), ("second", Watched("second")))
+    session = Session(create_engine("sqlite://")) if guarded else Unguarded()
+    h.schedule_changed(session, None)
+    h.schedule_changed(session, None)
+    for name in ("first", "second"):
+        assert [(c["plugin"], c["hook"]) for c in seen[name]] == [(name, "slotengine_schedule_changed")]
+        assert calls_timed(h, name, "slotengine_schedule_changed") == 2
+    assert h.stuck_calls(longer_than=-1) == []
+
+
+def test_an_unguarded_failure_names_its_plugin_and_is_timed_and_no_longer_in_flight():
+    class Failing:
+        @hookimpl
+        def slotengine_schedule_changed(self, change):
+            raise Boom("plan")
+
+    h = host(("failing", Failing()))
+    with pytest.raises(UnguardedHookFailed) as raised:
+        h.schedule_changed(Unguarded(), None)
+    assert raised.value.plugin == "failing" and isinstance(raised.value.__cause__, Boom)
+    assert calls_timed(h, "failing", "slotengine_schedule_changed") == 1
+    assert h.stuck_calls(longer_than=-1) == []
+
+
+def test_a_plugin_registered_after_the_first_call_is_called_too():
+    class Counting:
+        def __init__(self):
+            self.changes = 0
+
+        @hookimpl
+        def slotengine_schedule_changed(self, change):
+            self.changes += 1
+
+    first, late = Counting(), Counting()
+    h = host(("first", first))
+    h.schedule_changed(Unguarded(), None)
+    h.pm.register(late, name="late")
+    h.schedule_changed(Unguarded(), None)
+    h.pm.unregister(name="first")
+    h.schedule_changed(Unguarded(), None)
+    assert (first.changes, late.changes) == (2, 2)
 
 
 # --- failure policies, on a real engine -------------------------------------------------------------
