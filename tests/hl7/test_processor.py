@@ -132,22 +132,23 @@ def test_a_message_failing_after_writing_is_undone_and_the_batch_redone_guarded(
     assert (harness.savepoints, harness.redone) == (0, 1)
 
 
+def planned_task(plugin: str, change) -> PluginTask:
+    return PluginTask(plugin=plugin, kind=change.kind, due_at=DUE, status="pending", appointment_id=change.appointment_id,
+                      payload={}, attempts=0, last_error="", created_at=DUE)
+
+
 class Planner:
     """Plans a task for every change: work that must survive another plugin's failure."""
 
     @hookimpl
     def slotengine_schedule_changed(self, session, change):
-        session.add(PluginTask(plugin="planner", kind=change.kind, due_at=DUE, status="pending",
-                               appointment_id=change.appointment_id, payload={}, attempts=0, last_error="",
-                               created_at=DUE))
+        session.add(planned_task("planner", change))
 
 
 class Faulty:
     @hookimpl
     def slotengine_schedule_changed(self, session, change):
-        session.add(PluginTask(plugin="faulty", kind=change.kind, due_at=DUE, status="pending",
-                               appointment_id=change.appointment_id, payload={}, attempts=0, last_error="",
-                               created_at=DUE))
+        session.add(planned_task("faulty", change))
         session.flush()
         raise RuntimeError("faulty plugin")
 
