@@ -121,13 +121,27 @@ def sign_in(browser, daemon, name: str, password: str) -> None:
 
 def click_and_wait(browser, element) -> None:
     """Click something that loads a new page, and wait until the old one is gone."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     page = browser.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(page))
+
+    def gone(_browser) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            # asked while the new page replaces the old, chromedriver answers "Node with
+            # given id does not belong to the document" instead of a stale reference
+            if "does not belong to the document" in (exc.msg or ""):
+                return True
+            raise
+        return False
+
+    WebDriverWait(browser, 15).until(gone)
 
 
 def text_of(browser) -> str:
