@@ -446,8 +446,8 @@ def test_msfhirconv_discontinue_from_booked(slotengine_scheduler, corpus_dir):
 
 def test_renalware_s12_to_s15(slotengine_scheduler, corpus_dir):
     s = slotengine_scheduler
-    for n, event in enumerate(("S12", "S13", "S14", "S15"), 1):
-        result = apply(s, corpus_message(corpus_dir, f"renalware__SIU_{event}__1"), message_id=n)
+    for n, trigger in enumerate(("S12", "S13", "S14", "S15"), 1):
+        result = apply(s, corpus_message(corpus_dir, f"renalware__SIU_{trigger}__1"), message_id=n)
         assert result.status == "applied"
         assert codes(result.warnings) == ["103 PID^1^8"]  # PID-8 "2" is an NHS code, not table 0001
 
