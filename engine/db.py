@@ -11,7 +11,9 @@ import os
 import sqlite3
 import stat
 import threading
+from collections import namedtuple
 from datetime import datetime, timezone
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Optional
 
@@ -202,7 +204,15 @@ def write_pending_rows(session: Session) -> None:
         return
     by_table, pending.by_table = pending.by_table, {}
     for table, rows in by_table.items():
-        pending.connection.execute(insert(table), rows)
+        statement = _INSERTS.get(table)
+        if statement is None:
+            statement = _INSERTS[table] = Direct(insert(table))
+        for _names, alike in groupby(rows, key=dict.keys):  # one statement takes one set of names
+            statement.run_many(pending.connection, list(alike))
+
+
+#: ``write_pending_rows``' INSERT of each table
+_INSERTS: dict[Table, "Direct"] = {}
 
 
 def pending_row_count(session: Session) -> int:
@@ -232,3 +242,171 @@ def is_postgresql(engine: Engine) -> bool:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# --- statements run straight on the driver -------------------------------------------
+
+
+class Direct:
+    """A Core statement run straight on the driver's cursor of a ``Connection``.
+
+    ``Connection.execute`` spends three to four times the database's own time on a
+    small statement: the cache key, the parameters, the execution context, the result.
+    The apply path runs about eight statements a message, all of fixed shape, so
+    here a statement is compiled once per dialect and per set of parameter names,
+    with SQLAlchemy's own bind and result processors and Python-side column
+    defaults, and each run only converts the values and calls the driver.  What
+    ``Connection.execute`` promises otherwise still holds: engine listeners of
+    ``before_cursor_execute`` see each statement (``context`` is None), driver
+    errors come out as SQLAlchemy's (``IntegrityError``…), a lost connection is
+    invalidated.  The connection must be in a transaction (a session's).
+
+    Not for statements with expanding (IN list) parameters.  Rows come back as
+    named tuples; several parameter sets with RETURNING go in one statement.
+    It reads SQLAlchemy's compiled form through private names (``_bind_processors``,
+    ``_result_columns``, ``_insertmanyvalues``) and wraps errors with
+    ``Connection._handle_dbapi_exception``: hence ``sqlalchemy<2.2`` in pyproject.toml,
+    and ``tests/engine/test_direct.py`` compares it with ``Connection.execute``."""
+
+    __slots__ = ("statement", "_forms")
+
+    #: parameter sets per statement of ``run_many`` with RETURNING on SQLite (it allows 32,766 parameters)
+    ROWS_AT_ONCE = 500
+
+    def __init__(self, statement: Any):
+        self.statement = statement
+        self._forms: dict[tuple[str, frozenset[str]], _Form] = {}
+
+    def rows(self, connection: Connection, params: Optional[dict[str, Any]] = None) -> list[tuple]:
+        """Run once; the rows it returns (SELECT or RETURNING)."""
+        form = self._form(connection, params)
+        return form.run(connection, form.bind(params), many=False, fetch=True)
+
+    def fetch(self, session: Session, params: Optional[dict[str, Any]] = None) -> list[tuple]:
+        """``rows`` for a session's reader: what an ORM statement would autoflush is flushed first."""
+        session.flush()
+        return self.rows(session.connection(), params)
+
+    def run(self, connection: Connection, params: Optional[dict[str, Any]] = None) -> int:
+        """Run once; how many rows it changed."""
+        form = self._form(connection, params)
+        return form.run(connection, form.bind(params), many=False, fetch=False)
+
+    def run_many(self, connection: Connection, rows: list[dict[str, Any]]) -> list[tuple]:
+        """Run for each parameter set (all with the same names); the rows RETURNING gave, if any."""
+        if not rows:
+            return []
+        form = self._form(connection, rows[0])
+        if not form.row_type:
+            form.run(connection, [form.bind(row) for row in rows], many=True, fetch=False)
+            return []
+        if connection.dialect.name != "sqlite":  # psycopg returns each set's rows in turn
+            return form.run(connection, [form.bind(row) for row in rows], many=True, fetch=True)
+        # SQLite: one INSERT … VALUES (…), (…) … RETURNING per ROWS_AT_ONCE sets
+        returned: list[tuple] = []
+        for first in range(0, len(rows), self.ROWS_AT_ONCE):
+            chunk = rows[first:first + self.ROWS_AT_ONCE]
+            values = [value for row in chunk for value in form.bind(row)]
+            returned += form.for_rows(len(chunk)).run(connection, values, many=False, fetch=True)
+        return returned
+
+    def _form(self, connection: Connection, params: Optional[dict[str, Any]]) -> "_Form":
+        if not connection.in_transaction():
+            raise RuntimeError("Direct statements run inside a transaction")
+        key = (connection.dialect.name, frozenset(params) if params else frozenset())
+        form = self._forms.get(key)
+        if form is None:
+            form = self._forms[key] = _Form(self.statement, connection.dialect, key[1])
+        return form
+
+
+class _Form:
+    """One compiled form of a ``Direct`` statement."""
+
+    __slots__ = ("sql", "binds", "defaults", "generated", "positional", "results", "row_type",
+                 "values_clause", "_by_row_count")
+
+    def __init__(self, statement: Any, dialect: Any, keys: frozenset[str]):
+        compiled = statement.compile(dialect=dialect, column_keys=sorted(keys), for_executemany=True)
+        if compiled.post_compile_params or compiled.literal_execute_params or compiled.escaped_bind_names:
+            raise ValueError("Direct statements take no expanding, literal-execute or escaped parameters")
+        self.sql = compiled.string
+        self.positional = compiled.positional
+        names = compiled.positiontup if compiled.positional else list(compiled.bind_names.values())
+        processors = compiled._bind_processors
+        self.binds = [(name, processors.get(name)) for name in names]
+        # the statement's own literal values; the caller's parameters go over them
+        self.defaults = {name: value for name, value in compiled.construct_params(_check=False).items()
+                         if name not in keys}
+        # columns given no value whose default SQLAlchemy computes in Python (a dict, a list…)
+        self.generated: list[tuple[str, Any]] = []
+        for column in (*compiled.insert_prefetch, *compiled.update_prefetch):
+            default = column.default if column in compiled.insert_prefetch else column.onupdate
+            if default.is_scalar:
+                self.defaults[column.key] = default.arg
+            elif default.is_callable:
+                self.defaults.pop(column.key, None)
+                self.generated.append((column.key, default.arg))
+            else:
+                raise ValueError(f"Direct statements compute no SQL default ({column})")
+        columns = compiled._result_columns
+        self.results = [column[3]._cached_result_processor(dialect, None) for column in columns]
+        self.row_type = namedtuple("Row", [column[0] for column in columns], rename=True) if columns else None
+        imv = getattr(compiled, "_insertmanyvalues", None)
+        self.values_clause = f"({imv.single_values_expr})" if imv is not None and self.positional else None
+        self._by_row_count: dict[int, _Form] = {}
+
+    def bind(self, params: Optional[dict[str, Any]]) -> Any:
+        values = {**self.defaults, **params} if params else dict(self.defaults)
+        for name, make in self.generated:
+            if name not in values:
+                values[name] = make(None)  # SQLAlchemy's wrapper of a default callable takes a context
+        if self.positional:
+            return [process(values[name]) if process else values[name] for name, process in self.binds]
+        return {name: process(values[name]) if process else values[name] for name, process in self.binds}
+
+    def for_rows(self, count: int) -> "_Form":
+        """This INSERT with ``count`` VALUES tuples, for as many parameter sets laid end to end."""
+        if count == 1:
+            return self
+        form = self._by_row_count.get(count)
+        if form is None:
+            if self.values_clause is None or self.sql.count(self.values_clause) != 1:
+                raise ValueError("only a positional INSERT … VALUES takes several rows in one statement")
+            form = _Form.__new__(_Form)
+            form.sql = self.sql.replace(self.values_clause, ", ".join([self.values_clause] * count))
+            form.positional, form.results, form.row_type = True, self.results, self.row_type
+            self._by_row_count[count] = form
+        return form
+
+    def run(self, connection: Connection, parameters: Any, *, many: bool, fetch: bool) -> Any:
+        sql = self.sql
+        cursor = connection.connection.dbapi_connection.cursor()
+        try:
+            if connection._has_events or connection.engine._has_events:
+                for listener in connection.dispatch.before_cursor_execute:
+                    sql, parameters = listener(connection, cursor, sql, parameters, None, many)
+            if many:
+                if fetch:
+                    cursor.executemany(sql, parameters, returning=True)
+                    fetched = []
+                    while True:
+                        fetched += cursor.fetchall()
+                        if not cursor.nextset():
+                            break
+                else:
+                    cursor.executemany(sql, parameters)
+            else:
+                cursor.execute(sql, parameters)
+                fetched = cursor.fetchall() if fetch else None
+            if not fetch:
+                return cursor.rowcount
+        except Exception as exc:  # noqa: BLE001 - wrapped (and a lost connection invalidated) as SQLAlchemy does
+            connection._handle_dbapi_exception(exc, sql, parameters, cursor, None)
+        finally:
+            cursor.close()
+        make, processors = self.row_type._make, self.results
+        if not any(processors):
+            return [make(row) for row in fetched]
+        return [make([process(value) if process else value for process, value in zip(processors, row)])
+                for row in fetched]

@@ -48,6 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.clock import Clock
+from engine.db import Direct
 from engine.metrics import Metrics
 from engine.models import JobRun, OutboxItem, PluginTask
 from engine.plugin_host import JobRegistration, PluginError, PluginHost
@@ -407,9 +408,9 @@ def claim_due(session: Session, model: type, due_column: Any, batch_size: int, n
 
 # Built once, Core where the ORM adds only cost: every booking plans and withdraws tasks
 _TASKS = PluginTask.__table__
-_PLAN = insert(_TASKS)
+_PLAN = Direct(insert(_TASKS))
 _PLAN_ONCE = {  # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON CONFLICT DO NOTHING
-    name: module.insert(_TASKS).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(_TASKS.c.id)
+    name: Direct(module.insert(_TASKS).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(_TASKS.c.id))
     for name, module in (("postgresql", pg_dialect), ("sqlite", sqlite_dialect))
 }
 
@@ -418,10 +419,10 @@ _PLAN_ONCE = {  # RETURNING, not rowcount: psycopg reports -1 for INSERT … ON 
 def _withdraw_statement(kinds: tuple[str, ...]) -> Any:
     """The UPDATE withdrawing ``kinds``, one per tuple of kinds: written ``kind = … OR …``, as an
     IN list's expanding parameter is rendered into the SQL again at every execution."""
-    return (update(_TASKS)
-            .where(_TASKS.c.plugin == bindparam("for_plugin"), or_(false(), *(_TASKS.c.kind == kind for kind in kinds)),
-                   _TASKS.c.appointment_id == bindparam("for_appointment"), _TASKS.c.status == "pending")
-            .values(status="withdrawn"))
+    return Direct(update(_TASKS)
+                  .where(_TASKS.c.plugin == bindparam("for_plugin"), or_(false(), *(_TASKS.c.kind == kind for kind in kinds)),
+                         _TASKS.c.appointment_id == bindparam("for_appointment"), _TASKS.c.status == "pending")
+                  .values(status="withdrawn"))
 
 
 def plan_task(session: Session, *, plugin: str, kind: str, due_at: datetime, now: datetime,
@@ -434,15 +435,16 @@ def plan_task(session: Session, *, plugin: str, kind: str, due_at: datetime, now
                   payload=payload or {}, dedupe_key=dedupe_key, attempts=0, last_error="", created_at=now)
     session.flush()  # what an ORM statement would autoflush: the row may name an appointment not yet written
     if dedupe_key is None:
-        session.connection().execute(_PLAN, values)  # Core: the ORM's unit of work for one row costs several times more
+        _PLAN.run(session.connection(), values)  # not the ORM: its unit of work for one row costs several times more
         return True
-    inserted = session.connection().execute(_PLAN_ONCE[session.get_bind().dialect.name], values).first()
-    return inserted is not None
+    connection = session.connection()
+    return bool(_PLAN_ONCE[connection.dialect.name].rows(connection, values))
 
 
 def withdraw_tasks(session: Session, *, plugin: str, kinds: Iterable[str], appointment_id: int) -> int:
-    return session.execute(_withdraw_statement(tuple(kinds)),
-                           {"for_plugin": plugin, "for_appointment": appointment_id}).rowcount
+    session.flush()  # what an ORM statement would autoflush: a task changed in the session
+    return _withdraw_statement(tuple(kinds)).run(session.connection(),
+                                                 {"for_plugin": plugin, "for_appointment": appointment_id})
 
 
 def sweep_tasks(context: JobContext, *, plugin: str, kinds: Sequence[str],

@@ -15,20 +15,22 @@ from sqlalchemy import bindparam, event, inspect, select
 from sqlalchemy.orm import Session
 
 from engine.calendar import zone
+from engine.db import Direct
 from engine.models import Appointment, Location, Patient, PatientFlag, PatientIdentifier
 from engine.requests import Change
 
 _KEPT = "slotengine.messaging.kept"
 _REGISTERED = "slotengine.messaging.registered"
-# Core on the tables (the session still autoflushes for them): the ORM's handling of a
-# statement naming mapped attributes costs more than the query, which bookings run often.
+# straight on the driver (after the session's autoflush): the ORM's handling of a statement
+# costs several times the query, which bookings run often
 _IDENTIFIERS = PatientIdentifier.__table__
 _FLAGS = PatientFlag.__table__
 # the patient's first MR number, in identifier order (as the loaded relationship lists them)
-_FIRST_MRN = (select(_IDENTIFIERS.c.value)
-              .where(_IDENTIFIERS.c.patient_id == bindparam("patient_id"), _IDENTIFIERS.c.type_code == "MR")
-              .order_by(_IDENTIFIERS.c.id).limit(1))
-_OPT_OUTS = select(_FLAGS.c.flag).where(_FLAGS.c.patient_id == bindparam("patient_id"), _FLAGS.c.flag.like("opt_out:%"))
+_FIRST_MRN = Direct(select(_IDENTIFIERS.c.value)
+                    .where(_IDENTIFIERS.c.patient_id == bindparam("patient_id"), _IDENTIFIERS.c.type_code == "MR")
+                    .order_by(_IDENTIFIERS.c.id).limit(1))
+_OPT_OUTS = Direct(select(_FLAGS.c.flag).where(_FLAGS.c.patient_id == bindparam("patient_id"),
+                                               _FLAGS.c.flag.like("opt_out:%")))
 
 #: Channels that reach a patient, and the patient field each needs.
 PATIENT_CHANNELS = ("email", "sms", "voice")
@@ -80,7 +82,7 @@ def choose_channel(patient, available: Iterable[str], fallback_order: Iterable[s
 def opt_outs(session, patient_id: int) -> set[str]:
     """What the patient declined (their ``opt_out:*`` flags, from PD1-11 or a reply):
     a purpose (``reminder``, ``recall``) or a channel (``voice``, ``sms``, ``email``)."""
-    return {flag.removeprefix("opt_out:") for flag in session.scalars(_OPT_OUTS, {"patient_id": patient_id})}
+    return {row.flag.removeprefix("opt_out:") for row in _OPT_OUTS.fetch(session, {"patient_id": patient_id})}
 
 
 def language_of(patient, known: Iterable[str]) -> str:
@@ -142,16 +144,16 @@ def kept(session: Session, model: type, ident: int) -> Any:
     held = session.info.setdefault(_KEPT, {})
     row = held.get((model, ident))
     if row is None:
-        row = session.execute(_by_primary_key(model), {"ident": ident}).first()
-        if row is not None:
-            held[(model, ident)] = row
+        found = _by_primary_key(model).fetch(session, {"ident": ident})
+        if found:
+            row = held[(model, ident)] = found[0]
     return row
 
 
 @functools.cache
 def _by_primary_key(model: type) -> Any:
     table = model.__table__
-    return select(table).where(table.primary_key.columns[0] == bindparam("ident"))
+    return Direct(select(table).where(table.primary_key.columns[0] == bindparam("ident")))
 
 
 def follow_registrations(session: Session, owner: str, change: Change) -> set[int]:
@@ -196,7 +198,8 @@ def _forget_on_rollback(session: Session, _transaction) -> None:
 def _mrn(session: Session, patient: Patient) -> str:
     if "identifiers" in inspect(patient).dict:  # the relationship is loaded: no query
         return next((i.value for i in patient.identifiers if i.type_code == "MR"), "")
-    return session.scalar(_FIRST_MRN, {"patient_id": patient.id}) or ""
+    found = _FIRST_MRN.fetch(session, {"patient_id": patient.id})
+    return found[0].value if found else ""
 
 
 def describe_for_staff(session: Session, appointment: Appointment) -> str:

@@ -28,7 +28,7 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from engine import calendar
 from engine.clock import Clock, SystemClock
-from engine.db import insert_at_flush_point
+from engine.db import Direct, insert_at_flush_point
 from engine.errors import (
     BookingVetoed,
     IllegalTransition,
@@ -104,17 +104,18 @@ _CLAIM_WHOLE_SLOT = (
     .values(booked=_SLOTS.c.booked + 1)
     .returning(*_SLOT_COLUMNS)
 )
-_LINK_SLOT = insert(_APPOINTMENT_SLOTS)
+_LINK_SLOT = Direct(insert(_APPOINTMENT_SLOTS))
 _AUDIT = AuditEntry.__table__  # rows written at the transaction's flush points, several with one statement
-_PATIENT_MERGED_INTO = select(Patient.__table__.c.merged_into_id).where(Patient.__table__.c.id == bindparam("patient_id"))
+_PATIENT_MERGED_INTO = Direct(select(Patient.__table__.c.merged_into_id)
+                              .where(Patient.__table__.c.id == bindparam("patient_id")))
 #: Rows written by ``_insert_row``: each model's INSERT … RETURNING every column
-_INSERT_RETURNING = {model: insert(model.__table__).returning(*model.__table__.columns)
+_INSERT_RETURNING = {model: Direct(insert(model.__table__).returning(*model.__table__.columns))
                      for model in (Appointment, AppointmentResource, Coverage, Patient, PatientIdentifier)}
 #: their columns in that order, each with whether a None given is stored (else left to the default)
 _INSERTED_COLUMNS = {model: {column.key: column.type.should_evaluate_none for column in model.__table__.columns}
                      for model in _INSERT_RETURNING}
-_SET_FILLER_ID = (update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
-                  .values(filler_id=bindparam("new_filler_id")))
+_SET_FILLER_ID = Direct(update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
+                        .values(filler_id=bindparam("new_filler_id")))
 # with the owner's row: an unmerged owner (nearly all) needs no load of its own, and a caller
 # comparing the patient with a message's record then finds it in the session
 _IDENTIFIER_OWNERS: dict[int, Any] = {}
@@ -213,24 +214,26 @@ _COVERAGE_OF = select(Coverage).where(Coverage.patient_id == bindparam("patient_
                                       Coverage.member_id == bindparam("member_id"))
 # reservations and slot links are written with Core only (never pending in the session), so
 # these run on the session's connection: no autoflush, no ORM bookkeeping
-_SLOT_IDS = select(_APPOINTMENT_SLOTS.c.slot_id).where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id"))
-_RELEASE_RESERVATIONS = delete(_RESERVATIONS).where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id"))
+_SLOT_IDS = Direct(select(_APPOINTMENT_SLOTS.c.slot_id)
+                   .where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id")))
+_RELEASE_RESERVATIONS = Direct(delete(_RESERVATIONS).where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id")))
 _RELEASE_SEATS = (update(_SLOTS).where(_SLOTS.c.id.in_(bindparam("slot_ids", expanding=True)), _SLOTS.c.booked > 0)
                   .values(booked=_SLOTS.c.booked - 1))
-_UNLINK_SLOTS = delete(_APPOINTMENT_SLOTS).where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id"))
-_PROVIDER_SLOTS = select(_SLOTS.c.id).where(_SLOTS.c.provider_id == bindparam("provider_id"),
-                                            _SLOTS.c.start < bindparam("end"), _SLOTS.c.end > bindparam("start"))
+_UNLINK_SLOTS = Direct(delete(_APPOINTMENT_SLOTS).where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id")))
+_PROVIDER_SLOTS = Direct(select(_SLOTS.c.id).where(_SLOTS.c.provider_id == bindparam("provider_id"),
+                                                   _SLOTS.c.start < bindparam("end"), _SLOTS.c.end > bindparam("start")))
 _TAKE_SEATS = (update(_SLOTS).where(_SLOTS.c.id.in_(bindparam("slot_ids", expanding=True)))
                .values(booked=_SLOTS.c.booked + 1))
-_HOLDS_TIME = select(_RESERVATIONS.c.appointment_id).where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id")).limit(1)
+_HOLDS_TIME = Direct(select(_RESERVATIONS.c.appointment_id)
+                     .where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id")).limit(1))
 _APPOINTMENT_FOR_UPDATE = select(Appointment).where(Appointment.id == bindparam("appointment_id")).with_for_update()
-_PROVIDER_BLOCK = (select(_BLOCKS.c.provider_id, _BLOCKS.c.resource_id, _BLOCKS.c.start, _BLOCKS.c.end)
-                   .where(_BLOCKS.c.active.is_(True), _BLOCKS.c.provider_id == bindparam("provider_id"),
-                          _BLOCKS.c.start < bindparam("end"), _BLOCKS.c.end > bindparam("start"))
-                   .limit(1))
+_PROVIDER_BLOCK = Direct(select(_BLOCKS.c.provider_id, _BLOCKS.c.resource_id, _BLOCKS.c.start, _BLOCKS.c.end)
+                         .where(_BLOCKS.c.active.is_(True), _BLOCKS.c.provider_id == bindparam("provider_id"),
+                                _BLOCKS.c.start < bindparam("end"), _BLOCKS.c.end > bindparam("start"))
+                         .limit(1))
 _RESERVE = {
-    name: module.insert(_RESERVATIONS).on_conflict_do_nothing()
-    .returning(_RESERVATIONS.c.subject, _RESERVATIONS.c.unit, _RESERVATIONS.c.seat)
+    name: Direct(module.insert(_RESERVATIONS).on_conflict_do_nothing()
+                 .returning(_RESERVATIONS.c.subject, _RESERVATIONS.c.unit, _RESERVATIONS.c.seat))
     for name, module in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 
@@ -271,7 +274,7 @@ def _insert_row(session: Session, row_object: Any) -> None:
     stores_none = _INSERTED_COLUMNS[state.class_]
     values = {key: value for key, value in state.dict.items()
               if key in stores_none and (value is not None or stores_none[key])}
-    row = session.connection().execute(_INSERT_RETURNING[state.class_], values).one()
+    row, = _INSERT_RETURNING[state.class_].rows(session.connection(), values)
     if state.pending:
         session.expunge(row_object)
     _as_stored(session, row_object, row)  # an appointment is noted by _appointment_flushed
@@ -732,8 +735,8 @@ class Scheduler:
                     seat = self._occupy(session, appointment, request, now, claimed, overbooks)  # writes the row
                     if not appointment.filler_id and owner is None:
                         filler_id = f"SE{appointment.id}"
-                        session.connection().execute(
-                            _SET_FILLER_ID, {"appointment_id": appointment.id, "new_filler_id": filler_id})
+                        _SET_FILLER_ID.run(session.connection(),
+                                           {"appointment_id": appointment.id, "new_filler_id": filler_id})
                         set_committed_value(appointment, "filler_id", filler_id)
                         _note_appointment(session, appointment)
                     target = Status.HELD if hold else (Status.OVERBOOKED if seat or overbooks else Status.BOOKED)
@@ -768,13 +771,14 @@ class Scheduler:
         """The id to book under: the patient's own, or the survivor's once merged."""
         seen = set()
         while True:
-            merged_into = session.connection().execute(_PATIENT_MERGED_INTO, {"patient_id": patient_id}).first()
-            if merged_into is None:
+            found = _PATIENT_MERGED_INTO.rows(session.connection(), {"patient_id": patient_id})
+            if not found:
                 raise NotFound("patient", patient_id)
-            if merged_into[0] is None or patient_id in seen:
+            merged_into = found[0].merged_into_id
+            if merged_into is None or patient_id in seen:
                 return patient_id
             seen.add(patient_id)
-            patient_id = merged_into[0]
+            patient_id = merged_into
 
     def _check_booking(self, session: Session, appointment: Appointment, action: str):
         """Ask the plugins; the patient (an ORM load) is fetched only when one will look at it."""
@@ -784,7 +788,7 @@ class Scheduler:
         return self.plugins.check_booking(session, appointment, patient, action)
 
     def _slot_ids(self, session: Session, appointment_id: int) -> list[int]:
-        return list(session.connection().execute(_SLOT_IDS, {"appointment_id": appointment_id}).scalars())
+        return [row.slot_id for row in _SLOT_IDS.rows(session.connection(), {"appointment_id": appointment_id})]
 
     def _occupy(self, session: Session, appointment: Appointment, request: BookingRequest, now: datetime,
                 claimed_slot_ids: Optional[list[int]] = None,
@@ -867,7 +871,7 @@ class Scheduler:
         if appointment.id is None:
             _insert_row(session, appointment)  # the row slot links and reservations point at
         if slot_ids:
-            connection.execute(_LINK_SLOT, [{"appointment_id": appointment.id, "slot_id": s} for s in slot_ids])
+            _LINK_SLOT.run_many(connection, [{"appointment_id": appointment.id, "slot_id": s} for s in slot_ids])
         if claimed_slot_ids is not None:
             claimed_slot_ids.extend(slot_ids)
         seat = self._reserve_time(session, appointment.id, start, end, appointment.provider_id, resource_ids,
@@ -925,9 +929,9 @@ class Scheduler:
 
     def _check_blocks(self, session, provider_id, resource_ids, start, end) -> None:
         if provider_id is not None and not resource_ids:  # the common case, with a ready statement
-            block = session.connection().execute(
-                _PROVIDER_BLOCK, {"provider_id": provider_id, "start": start, "end": end}).first()
-            if block is not None:
+            blocks = _PROVIDER_BLOCK.rows(session.connection(), {"provider_id": provider_id, "start": start, "end": end})
+            if blocks:
+                block = blocks[0]
                 raise SlotUnavailable(f"provider:{provider_id} is blocked from {block.start.isoformat()} "
                                       f"to {block.end.isoformat()}", subject=f"provider:{provider_id}")
             return
@@ -1011,17 +1015,16 @@ class Scheduler:
         writers: on PostgreSQL a conflicting row of an uncommitted transaction
         is waited for, then skipped if that transaction commits."""
         connection = session.connection()
-        result = connection.execute(_RESERVE[connection.dialect.name], rows)
-        return set(map(tuple, result))
+        return set(map(tuple, _RESERVE[connection.dialect.name].run_many(connection, rows)))
 
     def _release(self, session: Session, appointment: Appointment) -> list[int]:
         """Give back the appointment's time; returns the freed slot ids."""
         connection = session.connection()
-        connection.execute(_RELEASE_RESERVATIONS, {"appointment_id": appointment.id})
+        _RELEASE_RESERVATIONS.run(connection, {"appointment_id": appointment.id})
         slot_ids = self._slot_ids(session, appointment.id)
         if slot_ids:
             connection.execute(_RELEASE_SEATS, {"slot_ids": slot_ids})
-            connection.execute(_UNLINK_SLOTS, {"appointment_id": appointment.id})
+            _UNLINK_SLOTS.run(connection, {"appointment_id": appointment.id})
         return slot_ids
 
     @staticmethod
@@ -1545,10 +1548,10 @@ class Scheduler:
                 _insert_row(session, patient)
                 # one INSERT for all of them; the rows come back in no promised order
                 keys = list(dict.fromkeys((i.authority, i.type_code, i.value) for i in record.identifiers))
-                stored = {(row.authority, row.type_code, row.value): row for row in session.connection().execute(
-                    _INSERT_RETURNING[PatientIdentifier],
-                    [{"patient_id": patient.id, "authority": authority, "type_code": type_code, "value": value}
-                     for authority, type_code, value in keys])}
+                stored = {(row.authority, row.type_code, row.value): row
+                          for row in _INSERT_RETURNING[PatientIdentifier].run_many(session.connection(), [
+                              {"patient_id": patient.id, "authority": authority, "type_code": type_code, "value": value}
+                              for authority, type_code, value in keys])}
                 identifiers = []
                 for key in keys:
                     identifier = PatientIdentifier()
@@ -1888,7 +1891,7 @@ class Scheduler:
             session.flush()
             # a row inserted just now, or whose time was given back above, holds no reservations
             holds_time = not (created or released) and \
-                session.connection().execute(_HOLDS_TIME, {"appointment_id": appointment.id}).first() is not None
+                bool(_HOLDS_TIME.rows(session.connection(), {"appointment_id": appointment.id}))
             if target in OCCUPYING and not holds_time:
                 _assign(appointment, conflict=self._occupy_as_told(session, appointment, unlinked=created or released))
             elif target not in OCCUPYING:
@@ -1942,13 +1945,13 @@ class Scheduler:
             # an appointment whose every minute overlapped others holds no reservations yet keeps its slot
             # links: a later message about it must not count it into those slots twice
             linked = set() if unlinked else set(self._slot_ids(session, appointment.id))
-            slot_ids = [s for s in connection.execute(_PROVIDER_SLOTS, {"provider_id": appointment.provider_id,
-                                                                        "start": appointment.start,
-                                                                        "end": appointment.end}).scalars()
-                        if s not in linked]
+            slot_ids = [row.id for row in _PROVIDER_SLOTS.rows(connection, {"provider_id": appointment.provider_id,
+                                                                            "start": appointment.start,
+                                                                            "end": appointment.end})
+                        if row.id not in linked]
             if slot_ids:
                 connection.execute(_TAKE_SEATS, {"slot_ids": slot_ids})
-                connection.execute(_LINK_SLOT, [{"appointment_id": appointment.id, "slot_id": s} for s in slot_ids])
+                _LINK_SLOT.run_many(connection, [{"appointment_id": appointment.id, "slot_id": s} for s in slot_ids])
         return "; ".join(problems)
 
     # --- calendars -----------------------------------------------------------------

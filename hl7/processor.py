@@ -22,12 +22,12 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from sqlalchemy import Row, event, func, select, text, update
+from sqlalchemy import bindparam, event, func, select, text, update
 from sqlalchemy.orm import Session
 
-from engine.db import pending_row_count
+from engine.db import Direct, pending_row_count
 from engine.errors import SchedulingError
 from engine.metrics import Metrics
 from engine.models import InboundMessage
@@ -171,7 +171,7 @@ class Processor:
                 started = time.perf_counter()
                 view = self.scheduler.within(session)
                 outcome = self._apply_one(session, view, row, message, guarded)
-                finished.append({"id": row.id, "status": outcome.status, "attempts": row.attempts + 1,
+                finished.append({"message_id": row.id, "status": outcome.status, "attempts": row.attempts + 1,
                                  "error": "; ".join(e.message for e in outcome.errors)[:4000]
                                  if outcome.status == PARKED else "",
                                  "processed_at": self.scheduler.clock.now(), "application_ack": outcome.reply})
@@ -182,7 +182,7 @@ class Processor:
                 outcomes.append(outcome)
                 self.metrics.apply_seconds.labels(row.feed).observe(time.perf_counter() - started)
             if finished:
-                session.execute(update(InboundMessage), finished)  # executemany by primary key
+                _FINISH.run_many(session.connection(), finished)
             depth = self._received(session)
         self.store.moved(moved_through)
         if depth is not None:
@@ -204,7 +204,7 @@ class Processor:
         return session.scalar(select(func.count()).select_from(InboundMessage)
                               .where(InboundMessage.status == RECEIVED))
 
-    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[tuple[Row, Optional[Message]]]:
+    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[tuple[Any, Optional[Message]]]:
         """The waiting rows, each with its message parsed (None: it does not parse), a few at
         a time: the patients those few name are looked up with one query before any applies."""
         after_id = 0
@@ -219,12 +219,11 @@ class Processor:
             yield from zip(rows, messages)
             after_id = rows[-1].id
 
-    def _claim(self, session: Session, after_id: int, allowed: dict[str, bool]) -> list[Row]:
+    def _claim(self, session: Session, after_id: int, allowed: dict[str, bool]) -> list[Any]:
         """The next few waiting messages after ``after_id``; ``allowed`` learns their
         senders.  A few at a time: a batch ends after ``BATCH_SECONDS``, and rows
         loaded past that point are waste."""
-        rows = session.execute(_WAITING.where(InboundMessage.status == RECEIVED, InboundMessage.id > after_id)
-                               .order_by(InboundMessage.id).limit(CLAIM_ROWS)).all()
+        rows = _NEXT_WAITING.fetch(session, {"after_id": after_id})
         if not rows:
             return []
         postgres = session.get_bind().dialect.name == "postgresql"
@@ -240,7 +239,7 @@ class Processor:
             rows = [row for row in rows if row is not None]
         return rows  # with those of senders held back, which the caller passes over
 
-    def _may_apply(self, session: Session, row: Row, postgres: bool) -> bool:
+    def _may_apply(self, session: Session, row: Any, postgres: bool) -> bool:
         if postgres:
             key = zlib.crc32(f"slotengine-sender:{row.sender}".encode()) - 2**31
             if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}):
@@ -270,7 +269,7 @@ class Processor:
         return ((self._writes, pending_row_count(session)) != before
                 or bool(session.new or session.dirty or session.deleted))
 
-    def _apply_one(self, session: Session, view: Scheduler, row: Row, parsed: Optional[Message],
+    def _apply_one(self, session: Session, view: Scheduler, row: Any, parsed: Optional[Message],
                    guarded: bool) -> Outcome:
         policy = self.policies.get(row.feed, FeedPolicy())
         message = None
@@ -327,6 +326,10 @@ class _RedoGuarded(Exception):
 
 _WAITING = select(InboundMessage.id, InboundMessage.feed, InboundMessage.sender, InboundMessage.control_id,
                   InboundMessage.raw, InboundMessage.attempts)
+_NEXT_WAITING = Direct(_WAITING.where(InboundMessage.status == RECEIVED, InboundMessage.id > bindparam("after_id"))
+                       .order_by(InboundMessage.id).limit(CLAIM_ROWS))
+#: a message's outcome, written for the whole batch with one statement
+_FINISH = Direct(update(InboundMessage.__table__).where(InboundMessage.__table__.c.id == bindparam("message_id")))
 
 
 def _parsed(raw: bytes) -> Optional[Message]:

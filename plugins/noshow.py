@@ -67,6 +67,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session
 
 from engine.calendar import local_to_utc, zone
+from engine.db import Direct
 from engine.jobs import plan_task, sweep_tasks
 from engine.messaging import describe_for_staff, follow_registrations
 from engine.models import (
@@ -103,7 +104,7 @@ _APPOINTMENTS = Appointment.__table__
 # list's expanding parameter is rendered into the SQL again at every execution
 _COUNTED_EVENTS = select(_APPOINTMENTS.c.patient_id, _APPOINTMENTS.c.start, _APPOINTMENTS.c.status,
                          _APPOINTMENTS.c.updated_at).where(or_(*(_APPOINTMENTS.c.status == s for s in COUNTED)))
-_EVENTS_OF_ONE = _COUNTED_EVENTS.where(_APPOINTMENTS.c.patient_id == bindparam("patient_id"))
+_EVENTS_OF_ONE = Direct(_COUNTED_EVENTS.where(_APPOINTMENTS.c.patient_id == bindparam("patient_id")))
 _EVENTS = _COUNTED_EVENTS.where(_APPOINTMENTS.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
 
 
@@ -114,7 +115,7 @@ def _upsert(dialect) -> Any:
                                               if not c.primary_key})
 
 
-_STORE = {"postgresql": _upsert(pg_dialect), "sqlite": _upsert(sqlite_dialect)}
+_STORE = {"postgresql": Direct(_upsert(pg_dialect)), "sqlite": Direct(_upsert(sqlite_dialect))}
 
 
 @dataclass(frozen=True)
@@ -223,13 +224,13 @@ def _patient_events(session: Session, patient_ids: Iterable[int]) -> dict[int, l
     """Each patient's no-shows and cancellations: (start, status, when last changed)."""
     ids = sorted(set(patient_ids))
     events: dict[int, list[tuple[datetime, str, datetime]]] = {p: [] for p in ids}
-    queries = [(_EVENTS_OF_ONE, {"patient_id": ids[0]})] if len(ids) == 1 else \
-        [(_EVENTS, {"patient_ids": ids[i:i + 500]}) for i in range(0, len(ids), 500)]
-    for query, params in queries:
-        # Core on the session's connection: every booking pays for this query, and the
-        # ORM's own overhead would be most of it (the change is flushed before plugins run)
-        for patient_id, start, status, updated_at in session.connection().execute(query, params):
-            events[patient_id].append((start, status, updated_at))
+    # straight on the session's connection: every booking pays for this query, and the
+    # ORM's own overhead would be most of it (the change is flushed before plugins run)
+    connection = session.connection()
+    rows = _EVENTS_OF_ONE.rows(connection, {"patient_id": ids[0]}) if len(ids) == 1 else \
+        [row for i in range(0, len(ids), 500) for row in connection.execute(_EVENTS, {"patient_ids": ids[i:i + 500]})]
+    for patient_id, start, status, updated_at in rows:
+        events[patient_id].append((start, status, updated_at))
     return events
 
 
@@ -278,8 +279,8 @@ def _store(session: Session, appointment_id: int, found: Estimate, model_id: Opt
               "model_id": model_id, "estimated_at": now}
     row = session.identity_map.get(ShowEstimate.__mapper__.identity_key_from_primary_key((appointment_id,)))
     if row is None:
-        session.connection().execute(_STORE[session.get_bind().dialect.name],
-                                     {"appointment_id": appointment_id, **values})
+        connection = session.connection()
+        _STORE[connection.dialect.name].run(connection, {"appointment_id": appointment_id, **values})
     else:
         for key, value in values.items():
             setattr(row, key, value)
