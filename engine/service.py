@@ -28,7 +28,7 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from engine import calendar
 from engine.clock import Clock, SystemClock
-from engine.db import Direct, insert_at_flush_point
+from engine.db import Direct, flush_changes, insert_at_flush_point
 from engine.errors import (
     BookingVetoed,
     IllegalTransition,
@@ -209,9 +209,12 @@ _LOCK_BY_EXTERNAL_ID_LISTS = _BY_EXTERNAL_ID_LISTS.with_for_update()
 #: what selectinload(Appointment.resources) asks, built once: selectinload builds its query on every load
 _RESOURCES_OF = select(AppointmentResource).where(
     AppointmentResource.appointment_id.in_(bindparam("appointment_ids", expanding=True)))
-_COVERAGE_OF = select(Coverage).where(Coverage.patient_id == bindparam("patient_id"),
-                                      Coverage.payer_id == bindparam("payer_id"),
-                                      Coverage.member_id == bindparam("member_id"))
+# a plain row, straight on the driver: the caller compares it with a message's coverage, which
+# has mostly not changed (the ORM's handling of a query for the entity costs more than the query)
+_COVERAGE_OF = Direct(select(Coverage.__table__).where(Coverage.__table__.c.patient_id == bindparam("patient_id"),
+                                                            Coverage.__table__.c.payer_id == bindparam("payer_id"),
+                                                            Coverage.__table__.c.member_id == bindparam("member_id"))
+                      .order_by(Coverage.__table__.c.id).limit(1))
 # reservations and slot links are written with Core only (never pending in the session), so
 # these run on the session's connection: no autoflush, no ORM bookkeeping
 _SLOT_IDS = Direct(select(_APPOINTMENT_SLOTS.c.slot_id)
@@ -404,7 +407,7 @@ class Scheduler:
     def _record(self, session: Session, work: _Work, change: Change, *, entity: str = "appointment",
                 entity_id: Optional[int] = None, before=None, after=None) -> None:
         # plugins below read with Core on session.connection() too, which does not autoflush
-        session.flush()
+        flush_changes(session)
         insert_at_flush_point(session, _AUDIT, {  # Core, no ORM unit of work
             "at": self.clock.now(),
             "actor": change.actor.label,
@@ -1409,7 +1412,7 @@ class Scheduler:
                                  actor: Actor) -> None:
         """The owner's own schedule message is the confirmation a request waits for."""
         # nearly always none: asked with Core first (the caller's _record flushed), loaded only if any
-        if session.connection().execute(_ANY_OPEN_REQUEST_OF, {"appointment_id": appointment.id}).first() is None:
+        if not _ANY_OPEN_REQUEST_OF.rows(session.connection(), {"appointment_id": appointment.id}):
             return
         now = self.clock.now()
         released = Status(appointment.status) in RELEASING
@@ -1663,9 +1666,9 @@ class Scheduler:
             if session.get(Patient, patient_id) is None:
                 raise NotFound("patient", patient_id)
             if found is _NOT_LOOKED_UP:
-                coverage = self._coverage_of(session, patient_id, record.payer_id, record.member_id)
-            else:
-                coverage = session.get(Coverage, found) if found is not None else None
+                stored = self._coverage_of(session, patient_id, record.payer_id, record.member_id)
+                found = stored.id if stored is not None else None
+            coverage = session.get(Coverage, found) if found is not None else None
             created = coverage is None
             if created:
                 coverage = Coverage(patient_id=patient_id, payer_id=record.payer_id, member_id=record.member_id)
@@ -1679,15 +1682,16 @@ class Scheduler:
                          entity="coverage", entity_id=coverage.id)
         return coverage
 
-    def coverage_of(self, patient_id: int, payer_id: str, member_id: str) -> Optional[Coverage]:
-        """The patient's coverage by this payer and member id, if recorded."""
+    def coverage_of(self, patient_id: int, payer_id: str, member_id: str) -> Optional[tuple]:
+        """The patient's coverage by this payer and member id, if recorded: the stored row, to
+        read (``row.plan_id``), not the mapped object."""
         with self.sessions() as session:
             return self._coverage_of(session, patient_id, payer_id, member_id)
 
     @staticmethod
-    def _coverage_of(session: Session, patient_id: int, payer_id: str, member_id: str) -> Optional[Coverage]:
-        return session.scalars(_COVERAGE_OF, {"patient_id": patient_id, "payer_id": payer_id,
-                                              "member_id": member_id}).one_or_none()
+    def _coverage_of(session: Session, patient_id: int, payer_id: str, member_id: str) -> Optional[tuple]:
+        found = _COVERAGE_OF.fetch(session, {"patient_id": patient_id, "payer_id": payer_id, "member_id": member_id})
+        return found[0] if found else None
 
     def set_patient_flags(self, patient_id: int, flags: Sequence[str], actor: Actor, *, source: str,
                           replace_source: bool = False) -> bool:
@@ -1861,6 +1865,12 @@ class Scheduler:
                 current = appointment.status
                 if target.value != current:
                     check_transition(appointment.id, current, target.value)
+                for ids, held in (((external.placer_id, None), appointment.placer_id),
+                                  ((None, external.filler_id), appointment.filler_id)):
+                    other = self._find_appointment(session, *ids) if any(ids) and not held else None
+                    if other is not None and other is not appointment:
+                        raise InvalidRequest(f"placer id {external.placer_id} and filler id {external.filler_id} "
+                                             f"name two appointments ({appointment.id} and {other.id}), not one")
                 _assign(appointment, placer_id=appointment.placer_id or external.placer_id,
                         filler_id=appointment.filler_id or external.filler_id)
             moved = created or (appointment.start, appointment.end, appointment.provider_id) != (
@@ -1888,7 +1898,7 @@ class Scheduler:
                 set_committed_value(appointment, "resources", links)
             elif resources_changed:
                 appointment.resources = [AppointmentResource(resource_id=r) for r in external.resource_ids]
-            session.flush()
+            flush_changes(session)
             # a row inserted just now, or whose time was given back above, holds no reservations
             holds_time = not (created or released) and \
                 bool(_HOLDS_TIME.rows(session.connection(), {"appointment_id": appointment.id}))
@@ -2042,10 +2052,10 @@ _OPEN_REQUESTS_OF = (select(ChangeRequest)
                             ChangeRequest.status.in_(_OPEN_REQUESTS))
                      .order_by(ChangeRequest.id))
 _CHANGE_REQUESTS = ChangeRequest.__table__
-_ANY_OPEN_REQUEST_OF = (select(_CHANGE_REQUESTS.c.id)
-                        .where(_CHANGE_REQUESTS.c.appointment_id == bindparam("appointment_id"),
-                               _CHANGE_REQUESTS.c.status.in_(_OPEN_REQUESTS))
-                        .limit(1))
+_ANY_OPEN_REQUEST_OF = Direct(select(_CHANGE_REQUESTS.c.id)
+                              .where(_CHANGE_REQUESTS.c.appointment_id == bindparam("appointment_id"),
+                                     or_(*(_CHANGE_REQUESTS.c.status == status for status in _OPEN_REQUESTS)))
+                              .limit(1))
 
 
 def _request_detail(asked: ChangeRequest) -> dict[str, Any]:

@@ -204,7 +204,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import bindparam, event, select
@@ -213,8 +213,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from engine.calendar import zone
+from engine.db import Direct
 from engine.errors import NotFound, SchedulingError
-from engine.models import Appointment, ChangeRequest, Coverage, Location, Patient, Provider, Resource, TimeBlock
+from engine.models import Appointment, ChangeRequest, Location, Patient, Provider, Resource, TimeBlock
 from engine.requests import Actor, CoverageRecord, ExternalAppointment, Identifier, PatientRecord
 from engine.service import REQUESTED_PLACER_PREFIX, Scheduler
 from engine.states import OCCUPYING, TRANSITIONS, Status
@@ -885,10 +886,8 @@ def _coverages(ctx: _Context, patient_id: int) -> None:
         if record is None:
             continue
         coverage = ctx.scheduler.coverage_of(patient_id, record.payer_id, record.member_id)
-        if coverage is not None:
-            ctx.hold(coverage)
-            if _coverage_unchanged(coverage, record):
-                continue
+        if coverage is not None and _coverage_unchanged(coverage, record):
+            continue
         with ctx.engine_call(in1, 3):
             ctx.scheduler.record_coverage(patient_id, record, ctx.actor, found=coverage.id if coverage else None)
 
@@ -928,7 +927,7 @@ def _coverage_record(ctx: _Context, in1: Segment, in2: Optional[Segment], positi
     )
 
 
-def _coverage_unchanged(coverage: Coverage, record: CoverageRecord) -> bool:
+def _coverage_unchanged(coverage: Any, record: CoverageRecord) -> bool:
     return all(getattr(coverage, name) == getattr(record, name) for name in (
         "payer_name", "plan_id", "group_number", "priority", "effective_date", "expiry_date",
         "verification_status", "verified_at"))
@@ -1021,19 +1020,19 @@ def _event_time(ctx: _Context, pv1: Optional[Segment]) -> datetime:
 
 
 # the patient's appointments around an event, and every location's time zone
-_AROUND = (select(Appointment.id, Appointment.start, Appointment.status, Appointment.location_id)
-           .where(Appointment.patient_id == bindparam("patient_id"), Appointment.start >= bindparam("earliest"),
-                  Appointment.start <= bindparam("latest"))
-           .order_by(Appointment.start, Appointment.id))
-_ZONES = select(Location.id, Location.timezone)
+_AROUND = Direct(select(Appointment.id, Appointment.start, Appointment.status, Appointment.location_id)
+                 .where(Appointment.patient_id == bindparam("patient_id"), Appointment.start >= bindparam("earliest"),
+                        Appointment.start <= bindparam("latest"))
+                 .order_by(Appointment.start, Appointment.id))
+_ZONES = Direct(select(Location.id, Location.timezone))
 
 
 def _visit_event(ctx: _Context, patient_id: int, pv1: Optional[Segment]) -> None:
     when = _event_time(ctx, pv1)
     with ctx.scheduler.sessions() as session:
-        rows = session.execute(_AROUND, {"patient_id": patient_id, "earliest": when - timedelta(days=2),
-                                         "latest": when + timedelta(days=2)}).all()
-        zones = dict(session.execute(_ZONES).all()) if rows else {}
+        rows = _AROUND.fetch(session, {"patient_id": patient_id, "earliest": when - timedelta(days=2),
+                                       "latest": when + timedelta(days=2)})
+        zones = dict(_ZONES.fetch(session)) if rows else {}
     same_day = []
     for appointment_id, start, status, location_id in rows:
         tz = zones.get(location_id) or ctx.default_tz
@@ -1183,15 +1182,25 @@ def _forget_codes(session: Session, _transaction) -> None:
     _IDS_BY_CODE.pop(session.get_bind(), None)
 
 
-def _looked_up(ctx: _Context, key: tuple, query: Callable[[], Any]) -> Any:
-    """The scalar of the statement ``query()`` builds, remembered for the rest of the
-    transaction: the messages of one batch name the same few locations, providers and rooms
-    again and again (the statement is built only when the answer is not known yet)."""
+def _looked_up(ctx: _Context, query: Direct, code: str) -> Any:
+    """What ``query`` answers for ``code`` (its first column, or None), remembered for the rest
+    of the transaction: the messages of one batch name the same few locations, providers and
+    rooms again and again."""
     with ctx.scheduler.sessions() as session:
         known = session.info.setdefault(_CODES, {})
+        key = (query, code)
         if key not in known:
-            known[key] = session.scalar(query())
+            found = query.fetch(session, {"code": code})
+            known[key] = found[0][0] if found else None
         return known[key]
+
+
+@cache
+def _id_by_code(model: type) -> Direct:
+    return Direct(select(model.id).where(model.code == bindparam("code")))
+
+
+_TIMEZONE_BY_CODE = Direct(select(Location.timezone).where(Location.code == bindparam("code")))
 
 
 def _existing_id(ctx: _Context, model, code: str) -> Optional[int]:
@@ -1199,15 +1208,14 @@ def _existing_id(ctx: _Context, model, code: str) -> Optional[int]:
         ids = _IDS_BY_CODE.setdefault(session.get_bind(), {})
     found = ids.get((model, code))
     if found is None:
-        found = _looked_up(ctx, (model, code), lambda: select(model.id).where(model.code == code))
+        found = _looked_up(ctx, _id_by_code(model), code)
         if found is not None:
             ids[(model, code)] = found
     return found
 
 
 def _location_timezone(ctx: _Context, code: str) -> str:
-    return _looked_up(ctx, ("timezone", code), lambda: select(Location.timezone).where(Location.code == code)) \
-        or ctx.default_tz
+    return _looked_up(ctx, _TIMEZONE_BY_CODE, code) or ctx.default_tz
 
 
 def _ensure(ctx: _Context, entity: _Entity, **extra: Any) -> int:
@@ -1222,7 +1230,9 @@ def _ensure(ctx: _Context, entity: _Entity, **extra: Any) -> int:
             session.add(row)
             session.flush()
             new_id = row.id
-            session.info.get(_CODES, {}).pop((entity.model, entity.code), None)
+            known = session.info.get(_CODES, {})
+            known.pop((_id_by_code(entity.model), entity.code), None)
+            known.pop((_TIMEZONE_BY_CODE, entity.code), None)
     except IntegrityError:  # created by a concurrent writer meanwhile
         found = _existing_id(ctx, entity.model, entity.code)
         if found is None:
@@ -1518,6 +1528,12 @@ def _apply_siu(ctx: _Context) -> str:
     reason, notes = _reason_and_notes(ctx, sch, ais)
     filler_status = _filler_status(ctx, sch)
     existing = _snapshot(ctx, placer, filler)
+    if existing is not None and placer and filler:
+        by_placer = ctx.scheduler.find_appointment(placer_id=placer)
+        by_filler = ctx.scheduler.find_appointment(filler_id=filler)
+        if by_placer is not None and by_filler is not None and by_placer.id != by_filler.id:
+            raise ctx.fail(207, f"the placer id (SCH-1) names appointment {by_placer.id} and the filler id "
+                                f"names appointment {by_filler.id}: two appointments, not one", sch, 2)
 
     # Writes start here; everything above only read.
     patient_id = _siu_patient(ctx)

@@ -43,6 +43,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from engine.db import Direct
 from engine.metrics import Metrics
 from engine.models import InboundMessage
 
@@ -111,6 +112,8 @@ _INBOX_COLUMNS = ("id", "feed", "sender", "control_id", "message_type", "peer", 
                   "content_hash", "status", "ack", "application_ack")
 #: SQLite's limit on bound parameters is 32,766 (3.32+); two per key stays far below it.
 _KEYS_PER_QUERY = 500
+#: receipts moved from the inbox into ``inbound_messages`` (a receipt moved before a crash is skipped)
+_MOVE_IN = Direct(sqlite_insert(InboundMessage.__table__).on_conflict_do_nothing())
 
 
 def inbox_path(database: Path) -> Path:
@@ -368,7 +371,7 @@ class MessageStore:
         rows = self.inbox.waiting(self._moved_through, limit)
         if not rows:
             return None
-        session.execute(sqlite_insert(InboundMessage.__table__).on_conflict_do_nothing(), rows)
+        _MOVE_IN.run_many(session.connection(), rows)
         return rows[-1]["id"]
 
     def moved(self, through_id: Optional[int]) -> None:

@@ -41,13 +41,15 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cache
 from datetime import datetime, timedelta
 from typing import Any, Optional
 
-from sqlalchemy import bindparam, event, select
+from sqlalchemy import bindparam, event, false, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from engine.db import Direct
 from engine.errors import InvalidRequest, NotFound, SchedulingError, SlotUnavailable
 from engine.messaging import follow_registrations, kept, local_when, registered_in_transaction
 from engine.models import Appointment, Coverage, Location, Patient, Provider, Referral
@@ -437,19 +439,27 @@ def slotengine_route_referral(session: Session, referral: dict[str, Any], contex
 # --- following the consult ----------------------------------------------------------------------------
 
 
-# Core, for the id only: most bookings have no referral, and the ORM's handling of a query
-# for the entity costs more than the query; the one found is then loaded by its id
+# straight on the driver, for the id only: most bookings have no referral, and the ORM's
+# handling of a query for the entity costs more than the query; the one found is then
+# loaded by its id
 _REFERRALS = Referral.__table__
-_LINKED = select(_REFERRALS.c.id).where(_REFERRALS.c.appointment_id == bindparam("appointment_id"))
-_WAITING = (select(_REFERRALS.c.id)
-            .where(_REFERRALS.c.patient_id == bindparam("patient_id"), _REFERRALS.c.status == "waitlisted",
-                   _REFERRALS.c.specialty.in_(bindparam("specialties", expanding=True)))
-            .order_by(_REFERRALS.c.received_at))
+_LINKED = Direct(select(_REFERRALS.c.id).where(_REFERRALS.c.appointment_id == bindparam("appointment_id"))
+                 .order_by(_REFERRALS.c.id).limit(1))
 
 
-def _first_referral(session: Session, query: Any, params: dict[str, Any]) -> Optional[Referral]:
-    referral_id = session.scalars(query, params).first()
-    return session.get(Referral, referral_id) if referral_id is not None else None
+@cache
+def _waiting_for(specialties: tuple[str, ...]) -> Direct:
+    """The patient's oldest referral waitlisted for one of ``specialties``: ``specialty = … OR …``,
+    as an IN list's expanding parameter is rendered into the SQL again at every execution."""
+    return Direct(select(_REFERRALS.c.id)
+                  .where(_REFERRALS.c.patient_id == bindparam("patient_id"), _REFERRALS.c.status == "waitlisted",
+                         or_(false(), *(_REFERRALS.c.specialty == specialty for specialty in specialties)))
+                  .order_by(_REFERRALS.c.received_at).limit(1))
+
+
+def _first_referral(session: Session, query: Direct, params: dict[str, Any]) -> Optional[Referral]:
+    found = query.fetch(session, params)
+    return session.get(Referral, found[0].id) if found else None
 
 
 @hookimpl(trylast=True)
@@ -496,13 +506,13 @@ def _link_waiting(context, session: Session, change: Change, without_referrals: 
     if appointment.patient_id in without_referrals:
         return  # registered in this transaction, which recorded no referral for them
     if change.from_state != "requested" and \
-            session.scalars(_LINKED, {"appointment_id": change.appointment_id}).first() is not None:
+            _LINKED.fetch(session, {"appointment_id": change.appointment_id}):
         return  # already a referral's consult (one this change created is not yet)
     provider = kept(session, Provider, appointment.provider_id)
     if provider is None or not provider.specialties:
         return
-    waiting = _first_referral(session, _WAITING, {"patient_id": appointment.patient_id,
-                                                  "specialties": list(provider.specialties)})
+    waiting = _first_referral(session, _waiting_for(tuple(sorted(provider.specialties))),
+                              {"patient_id": appointment.patient_id})
     if waiting is not None:
         waiting.appointment_id, waiting.provider_id = appointment.id, provider.id
         _step(waiting, "booked", f"appointment {appointment.id} ({change.actor.label})", now)

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, delete, event, exc, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.types import DateTime, TypeDecorator
 
-from engine.db import Direct
+from engine.db import Direct, UTCDateTime
 from engine.models import Appointment, Patient, Reservation
 
 PATIENTS = Patient.__table__
@@ -200,3 +201,25 @@ def test_what_direct_writes_reads_back_as_connection_execute_reads_it(slotengine
         session.rollback()
     assert tuple(direct) == tuple(core)
     assert direct.start == start and direct.notes == notes and direct.phones == phones
+
+
+class _TwoStepUTCDateTime(TypeDecorator):
+    """UTCDateTime as SQLAlchemy runs it without our SQLite shortcut: our conversion, then its own."""
+    impl = DateTime
+    cache_ok = True
+    process_bind_param = UTCDateTime.process_bind_param
+    process_result_value = UTCDateTime.process_result_value
+
+
+@settings(max_examples=2000, deadline=None)
+@given(value=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                          timezones=st.builds(timezone, st.timedeltas(min_value=timedelta(hours=-23),
+                                                                      max_value=timedelta(hours=23)))))
+def test_utc_datetimes_go_to_sqlite_as_sqlalchemys_own_text(value):
+    dialect = sqlite.dialect()
+    ours, twostep = UTCDateTime(), _TwoStepUTCDateTime()
+    text = ours._cached_bind_processor(dialect)(value)
+    assert text == twostep._cached_bind_processor(dialect)(value)
+    back = ours._cached_result_processor(dialect, None)(text)
+    assert back == twostep._cached_result_processor(dialect, None)(text) == value
+    assert back.tzinfo is timezone.utc

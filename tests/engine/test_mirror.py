@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from sqlalchemy import func, select
 
+from engine.errors import InvalidRequest
 from engine.models import Appointment, AppointmentSlot, AuditEntry, Reservation, Slot
 from engine.requests import Actor, ExternalAppointment
 from tests.engine.helpers import (
@@ -167,3 +169,16 @@ def test_a_wholly_overlapping_appointment_survives_later_messages(sch, recorder)
     assert get_slot(sch, slot.id).booked == 2
     cancelled = sch.record_external_appointment(replace(twin, status="cancelled"), EHR)
     assert cancelled.status == "cancelled" and get_slot(sch, slot.id).booked == 1
+
+
+def test_ids_naming_two_appointments_are_refused_not_merged(sch):
+    smith = provider_id(sch, "DRSMITH")
+    first = sch.record_external_appointment(siu("booked", local(TUESDAY, "09:00"), placer_id="EHR1",
+                                                provider_id=smith), EHR)
+    second = sch.record_external_appointment(siu("booked", local(TUESDAY, "10:00"), filler_id="FILL2",
+                                                 provider_id=smith), EHR)
+    before = visible_state(sch)
+    with pytest.raises(InvalidRequest, match="two appointments"):
+        sch.record_external_appointment(siu("booked", local(TUESDAY, "09:00"), placer_id="EHR1", filler_id="FILL2",
+                                            provider_id=smith), EHR, found=first.id)
+    assert visible_state(sch) == before and second.filler_id == "FILL2"

@@ -621,6 +621,19 @@ def test_late_booking_fills_only_what_we_do_not_know(slotengine_scheduler):
     assert appt["identifiers"] == [("MRN-1", "HOSP", "MR")]
 
 
+def test_placer_and_filler_ids_of_two_appointments_are_refused_naming_sch_2(slotengine_scheduler):
+    """Found by the generated-SIU property test: the placer id names one appointment, the
+    filler id another; giving the first the second's filler id broke the unique index."""
+    s = slotengine_scheduler
+    apply(s, siu("S12", filler=""), message_id=1)
+    apply(s, siu("S12", placer="", filler="F-2", start="202603031100", control="C2"), message_id=2)
+    error = failure(s, siu("S14", filler="F-2", control="C3"), message_id=3)
+    assert codes(error.errors) == ["207 SCH^1^2"]
+    assert "two appointments" in error.errors[0].message
+    assert appointment(s, placer="P-1")["audit"] == ["booked"]  # given no filler id
+    assert appointment(s, filler="F-2")["audit"] == ["booked"]
+
+
 # --- statuses -----------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,107 @@
+"""``engine.db.flush_changes`` writes changed columns of stored rows with one UPDATE
+each, without the unit of work.  It must leave the database and the session exactly
+as ``session.flush()`` would: the row written, the object clean, and a rollback
+expiring what the transaction changed; anything it does not handle goes to the flush."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import timedelta
+
+from sqlalchemy import event, select
+
+from engine.db import flush_changes
+from engine.models import Appointment, AppointmentResource, Patient, Resource
+from engine.requests import ExternalAppointment
+from tests.engine.helpers import local, make_patient, provider_id
+from tests.engine.test_mirror import EHR
+
+
+@contextmanager
+def statements(engine):
+    sent: list[str] = []
+
+    def _sent(_conn, _cursor, statement, _parameters, _context, _executemany):
+        sent.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", _sent)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", _sent)
+
+
+def _appointment(sch) -> int:
+    start = local("2026-03-03", "09:00")
+    return sch.record_external_appointment(ExternalAppointment(
+        status="booked", start=start, end=start + timedelta(minutes=30), appointment_type="general",
+        placer_id="EHR1", provider_id=provider_id(sch, "DRSMITH")), EHR).id
+
+
+def test_changed_columns_are_written_with_one_update_and_the_row_is_clean(sch, slotengine_engine):
+    patient = make_patient(sch, phones=[{"number": "+1 555 0100", "use": "PRN"}])
+    with sch.sessions() as session, session.begin():
+        row = session.get(Patient, patient.id)
+        row.family_name = "Roe"
+        row.phones = [{"number": "+1 555 0199", "use": "PRN"}]
+        row.language = row.language  # set, unchanged: not written
+        with statements(slotengine_engine) as sent:
+            flush_changes(session)
+        assert len(sent) == 1 and sent[0].startswith("UPDATE patients SET")
+        assert "family_name" in sent[0] and "phones" in sent[0] and "language" not in sent[0]
+        assert not session.dirty
+        with statements(slotengine_engine) as sent:
+            session.flush()
+        assert sent == []  # nothing left for the unit of work
+    with sch.sessions() as session:
+        stored = session.get(Patient, patient.id)
+        assert (stored.family_name, stored.phones) == ("Roe", [{"number": "+1 555 0199", "use": "PRN"}])
+
+
+def test_a_change_set_back_writes_nothing(sch, slotengine_engine):
+    patient = make_patient(sch)
+    with sch.sessions() as session, session.begin():
+        row = session.get(Patient, patient.id)
+        row.family_name = "Roe"
+        row.family_name = "Doe"
+        with statements(slotengine_engine) as sent:
+            flush_changes(session)
+        assert sent == [] and not session.dirty
+
+
+def test_a_rolled_back_savepoint_takes_the_change_back_from_the_object_too(sch):
+    patient = make_patient(sch)
+    with sch.sessions() as session, session.begin():
+        row = session.get(Patient, patient.id)
+        savepoint = session.begin_nested()
+        row.family_name = "Roe"
+        flush_changes(session)
+        savepoint.rollback()
+        assert row.family_name == "Doe"  # expired by the rollback, read again
+        assert session.scalar(select(Patient.family_name).where(Patient.id == patient.id)) == "Doe"
+
+
+def test_a_changed_collection_goes_through_the_unit_of_work(sch, slotengine_engine):
+    appointment_id = _appointment(sch)
+    with sch.sessions() as session, session.begin():
+        row = session.get(Appointment, appointment_id)
+        room = session.scalar(select(Resource.id).limit(1))
+        row.resources = [AppointmentResource(resource_id=room)]  # loads the old list first (and autoflushes)
+        row.notes = "bring the referral letter"
+        with statements(slotengine_engine) as sent:
+            flush_changes(session)
+        assert not session.dirty and not session.new
+    with sch.sessions() as session:
+        stored = session.get(Appointment, appointment_id)
+        assert stored.notes == "bring the referral letter"
+        assert [r.resource_id for r in stored.resources] == [room]
+    assert any(s.startswith("UPDATE appointments") for s in sent), sent
+
+
+def test_a_flush_listener_still_hears_of_the_flush(sch):
+    heard = []
+    patient = make_patient(sch)
+    with sch.sessions() as session, session.begin():
+        event.listen(session, "before_flush", lambda *_args: heard.append("before_flush"))
+        session.get(Patient, patient.id).family_name = "Roe"
+        flush_changes(session)
+    assert heard == ["before_flush"]
