@@ -116,9 +116,10 @@ _INSERTED_COLUMNS = {model: {column.key: column.type.should_evaluate_none for co
                      for model in _INSERT_RETURNING}
 _SET_FILLER_ID = Direct(update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
                         .values(filler_id=bindparam("new_filler_id")))
-# with the owner's row: an unmerged owner (nearly all) needs no load of its own, and a caller
-# comparing the patient with a message's record then finds it in the session
-_IDENTIFIER_OWNERS: dict[int, Any] = {}
+# the owners of identifiers, by count (``_identifier_owners``), and their rows loaded after:
+# a caller comparing the patient with a message's record then finds it in the session
+_IDENTIFIER_OWNERS: dict[int, Direct] = {}
+_PATIENTS_BY_ID = select(Patient).where(Patient.id.in_(bindparam("patient_ids", expanding=True)))
 
 
 #: ``session.info`` key: identifiers looked up ahead (``Scheduler.look_up_identifiers``) for
@@ -187,9 +188,9 @@ def _identifier_owners(count: int):
     for a row-value IN (VALUES …), which grew with every patient."""
     statement = _IDENTIFIER_OWNERS.get(count)
     if statement is None:
-        statement = _IDENTIFIER_OWNERS[count] = (
-            select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value, Patient)
-            .join(Patient, Patient.id == PatientIdentifier.patient_id)
+        statement = _IDENTIFIER_OWNERS[count] = Direct(
+            select(PatientIdentifier.authority, PatientIdentifier.type_code, PatientIdentifier.value,
+                   PatientIdentifier.patient_id)
             .where(or_(*(and_(PatientIdentifier.authority == bindparam(f"a{n}"),
                               PatientIdentifier.type_code == bindparam(f"t{n}"),
                               PatientIdentifier.value == bindparam(f"v{n}")) for n in range(count)))))
@@ -1622,10 +1623,23 @@ class Scheduler:
 
     @staticmethod
     def _owners(session: Session, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], Patient]:
-        return {(authority, type_code, value): patient
-                for authority, type_code, value, patient in session.execute(
-                    _identifier_owners(len(keys)),
-                    {f"{part}{n}": key[i] for n, key in enumerate(keys) for i, part in enumerate("atv")})}
+        """The patients holding these identifiers: the identifiers straight on the driver, then
+        their patients not yet in the session with one ORM query (loading a mapped row costs
+        several times reading it, and the session often holds them already)."""
+        rows = _identifier_owners(len(keys)).fetch(
+            session, {f"{part}{n}": key[i] for n, key in enumerate(keys) for i, part in enumerate("atv")})
+        patients: dict[int, Patient] = {}
+        missing = set()
+        for row in rows:
+            held = session.identity_map.get(Patient.__mapper__.identity_key_from_primary_key((row.patient_id,)))
+            if held is not None:
+                patients[row.patient_id] = held
+            else:
+                missing.add(row.patient_id)
+        if missing:
+            patients.update((patient.id, patient) for patient in session.scalars(
+                _PATIENTS_BY_ID, {"patient_ids": sorted(missing)}))
+        return {(row.authority, row.type_code, row.value): patients[row.patient_id] for row in rows}
 
     def look_up_identifiers(self, identifiers) -> None:
         """Look up many patients' identifiers with one query, for the work about to be done
