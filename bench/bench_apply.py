@@ -44,7 +44,7 @@ from sqlalchemy import event, inspect, text  # noqa: E402
 
 from engine.clock import SystemClock  # noqa: E402
 from engine.db import make_session_factory  # noqa: E402
-from engine.jobs import make_context  # noqa: E402
+from engine.jobs import generate_slots, make_context  # noqa: E402
 from engine.metrics import Metrics  # noqa: E402
 from engine.plugin_host import PluginHost  # noqa: E402
 from engine.service import Scheduler  # noqa: E402
@@ -66,7 +66,8 @@ def run_arm(raws: list[bytes], *, plugins: bool, workdir: Path, profile: bool = 
     host = build_plugins(config, OutboundSettings(default_timezone=config.clinic.timezone), metrics)[0] \
         if plugins else PluginHost(builtins=(), discover=False, metrics=metrics)
     scheduler = Scheduler(sessions, plugins=host, clock=SystemClock(), settings=engine_settings(config))
-    make_context(scheduler, plugin_settings=config.plugins.settings if plugins else {}, metrics=metrics)
+    context = make_context(scheduler, plugin_settings=config.plugins.settings if plugins else {}, metrics=metrics)
+    generate_slots(context)  # as the daemon does at start: bookings take seats, cancellations free them
     outbound_settings = OutboundSettings(default_timezone=config.clinic.timezone)
     Inbox.for_database(config.database.url).store([_incoming(raw) for raw in raws])
     store = MessageStore(sessions, metrics, Inbox.for_database(config.database.url, writer=False))

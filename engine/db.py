@@ -12,10 +12,11 @@ import sqlite3
 import stat
 import threading
 from collections import namedtuple
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from sqlalchemy import Connection, DateTime, MetaData, Table, bindparam, create_engine, event, insert, update
 from sqlalchemy.engine import Engine, make_url
@@ -171,6 +172,8 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin_immediate(connection):
+            if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                return  # a read outside any transaction (``reading``): it takes no write lock
             dbapi_connection = connection.connection.dbapi_connection
             write_lock.acquire()
             dbapi_connection.holds_write_lock = True
@@ -184,6 +187,16 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     return create_engine(parsed, pool_size=pool_size, pool_pre_ping=True)
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads outside any transaction: on SQLite each statement sees the
+    last commit and neither waits for nor holds up the single writer, as every
+    transaction of ``make_engine``'s engine does (BEGIN IMMEDIATE).  For a look before
+    a write transaction that is often not needed (has any task fallen due?)."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        yield connection
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:

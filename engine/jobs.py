@@ -48,7 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.clock import Clock
-from engine.db import Direct
+from engine.db import Direct, reading
 from engine.metrics import Metrics
 from engine.models import JobRun, OutboxItem, PluginTask
 from engine.plugin_host import JobRegistration, PluginError, PluginHost
@@ -465,6 +465,12 @@ def sweep_tasks(context: JobContext, *, plugin: str, kinds: Sequence[str],
         clauses = [PluginTask.status == "pending", PluginTask.plugin == plugin, PluginTask.kind.in_(list(kinds))]
         if extra_filter is not None:
             clauses.append(extra_filter)
+        # most sweeps find nothing due (a timed sweep between changes, the after-change sweeps
+        # of a batch's second and later freed slots): look first without the write lock
+        with reading(context.session_factory.kw["bind"]) as connection:
+            if connection.execute(select(PluginTask.id).where(PluginTask.due_at <= now, *clauses).limit(1)).first() \
+                    is None:
+                break
         with context.session_factory() as session:
             view = context.scheduler.within(session)
             with session.begin():

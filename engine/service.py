@@ -221,13 +221,13 @@ _COVERAGE_OF = Direct(select(Coverage.__table__).where(Coverage.__table__.c.pati
 _SLOT_IDS = Direct(select(_APPOINTMENT_SLOTS.c.slot_id)
                    .where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id")))
 _RELEASE_RESERVATIONS = Direct(delete(_RESERVATIONS).where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id")))
-_RELEASE_SEATS = (update(_SLOTS).where(_SLOTS.c.id.in_(bindparam("slot_ids", expanding=True)), _SLOTS.c.booked > 0)
-                  .values(booked=_SLOTS.c.booked - 1))
+# one slot per parameter set (run_many): an appointment spans one slot or a few
+_RELEASE_SEATS = Direct(update(_SLOTS).where(_SLOTS.c.id == bindparam("slot_id"), _SLOTS.c.booked > 0)
+                        .values(booked=_SLOTS.c.booked - 1))
 _UNLINK_SLOTS = Direct(delete(_APPOINTMENT_SLOTS).where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id")))
 _PROVIDER_SLOTS = Direct(select(_SLOTS.c.id).where(_SLOTS.c.provider_id == bindparam("provider_id"),
                                                    _SLOTS.c.start < bindparam("end"), _SLOTS.c.end > bindparam("start")))
-_TAKE_SEATS = (update(_SLOTS).where(_SLOTS.c.id.in_(bindparam("slot_ids", expanding=True)))
-               .values(booked=_SLOTS.c.booked + 1))
+_TAKE_SEATS = Direct(update(_SLOTS).where(_SLOTS.c.id == bindparam("slot_id")).values(booked=_SLOTS.c.booked + 1))
 _HOLDS_TIME = Direct(select(_RESERVATIONS.c.appointment_id)
                      .where(_RESERVATIONS.c.appointment_id == bindparam("appointment_id")).limit(1))
 _APPOINTMENT_FOR_UPDATE = select(Appointment).where(Appointment.id == bindparam("appointment_id")).with_for_update()
@@ -1027,7 +1027,7 @@ class Scheduler:
         _RELEASE_RESERVATIONS.run(connection, {"appointment_id": appointment.id})
         slot_ids = self._slot_ids(session, appointment.id)
         if slot_ids:
-            connection.execute(_RELEASE_SEATS, {"slot_ids": slot_ids})
+            _RELEASE_SEATS.run_many(connection, [{"slot_id": slot_id} for slot_id in slot_ids])
             _UNLINK_SLOTS.run(connection, {"appointment_id": appointment.id})
         return slot_ids
 
@@ -1974,7 +1974,7 @@ class Scheduler:
                                                                             "end": appointment.end})
                         if row.id not in linked]
             if slot_ids:
-                connection.execute(_TAKE_SEATS, {"slot_ids": slot_ids})
+                _TAKE_SEATS.run_many(connection, [{"slot_id": slot_id} for slot_id in slot_ids])
                 _LINK_SLOT.run_many(connection, [{"appointment_id": appointment.id, "slot_id": s} for s in slot_ids])
         return "; ".join(problems)
 

@@ -49,6 +49,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from engine.calendar import zone
+from engine.db import Direct
 from engine.errors import NotFound, SchedulingError
 from engine.jobs import claim_due, dispatch_outbox, plan_task, sweep_tasks
 from engine.messaging import address_for, choose_channel, in_quiet_hours, language_of, local_when, opt_outs
@@ -271,6 +272,10 @@ def _busy(session: Session, patient_id: int, slot: Slot, ignore: Optional[int]) 
     return session.scalar(select(Appointment.id).where(*clauses).limit(1)) is not None
 
 
+_ANYONE_WAITING = Direct(select(WaitlistEntry.__table__.c.id).where(WaitlistEntry.__table__.c.status == "waiting")
+                        .limit(1))
+
+
 def offer_slot(context, session: Session, slot: Slot, now: datetime, *, overbook: bool = False) -> list[WaitlistOffer]:
     """Offer a free slot to the next best patients, up to ``offer_batch`` open offers.
     ``overbook``: the slot may be full (plugin ``noshow`` offers a likely no-show's
@@ -280,6 +285,8 @@ def offer_slot(context, session: Session, slot: Slot, now: datetime, *, overbook
             or slot.start < now + timedelta(minutes=settings.min_notice_minutes) \
             or slot.start > now + timedelta(days=settings.horizon_days):
         return []
+    if not _ANYONE_WAITING.fetch(session):
+        return []  # nobody to offer it to (an empty waitlist is common): no offers, no ranking to read
     offers = list(session.scalars(select(WaitlistOffer).where(WaitlistOffer.slot_id == slot.id)))
     open_now = [o for o in offers if o.status == "offered" and o.expires_at > now]
     room = settings.offer_batch - len(open_now)
