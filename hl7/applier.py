@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -30,6 +31,8 @@ from engine.metrics import Metrics
 log = logging.getLogger("slotengine.applier")
 
 STATE_EVERY_SECONDS = 0.5
+#: added to the applier process's niceness: see ``run_child``
+APPLIER_NICENESS = 5
 #: A child that dies again and again is restarted ever later, up to this.
 MAX_RESTART_SECONDS = 30.0
 
@@ -151,6 +154,9 @@ def run_child(config, conn) -> None:
     # The parent decides when to stop (SIGTERM to the whole service reaches us too).
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    # When both want the same core, receiving (whose ACKs a sender waits for) goes first:
+    # applying only catches up a little later
+    os.nice(APPLIER_NICENESS)
     from hl7.logs import configure_logging
 
     configure_logging(config.logging.level, redaction_key=config.logging.read_redaction_key())

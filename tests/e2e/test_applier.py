@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hl7.applier import APPLIER_NICENESS
 from hl7.client import MLLPClient, check_ack
 from tests.e2e.daemon import DaemonConfig, DaemonProcess, waiting_messages
 from tests.e2e.test_daemon import wait_until
@@ -40,6 +41,10 @@ def applied(db: Path) -> int:
         return connection.execute("select count(*) from inbound_messages where status = 'applied'").fetchone()[0]
 
 
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -59,6 +64,8 @@ def test_a_killed_applier_is_replaced_and_a_killed_daemon_takes_its_applier_alon
         wait_until(lambda: applied(db) == 5)
 
         [first] = appliers(daemon.proc.pid)
+        # receiving goes first when both want a core: the applier runs at a higher niceness
+        assert niceness(first) == niceness(daemon.proc.pid) + APPLIER_NICENESS
         os.kill(first, signal.SIGKILL)
         for n in range(5, 10):  # stored and acknowledged while no applier runs
             assert check_ack(f"K0-{n}", client.send(booking(0, n)))[1] == "AA"
