@@ -3,10 +3,11 @@ database holds afterwards (reservations, audit, slot counters)."""
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Optional
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from engine.models import (
     Appointment,
@@ -163,3 +164,18 @@ def utc(*args) -> datetime:
 
 def minutes(n: int) -> timedelta:
     return timedelta(minutes=n)
+
+
+@contextmanager
+def statements(engine):
+    """The SQL statements sent while the block runs."""
+    sent: list[str] = []
+
+    def _sent(_conn, _cursor, statement, *_args):
+        sent.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", _sent)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", _sent)

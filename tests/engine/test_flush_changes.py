@@ -4,7 +4,6 @@ as ``session.flush()`` would: the row written, the object clean, and a rollback
 expiring what the transaction changed; anything it does not handle goes to the flush."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import event, select
@@ -12,22 +11,8 @@ from sqlalchemy import event, select
 from engine.db import flush_changes
 from engine.models import Appointment, AppointmentResource, Patient, Resource
 from engine.requests import ExternalAppointment
-from tests.engine.helpers import local, make_patient, provider_id
+from tests.engine.helpers import local, make_patient, provider_id, statements
 from tests.engine.test_mirror import EHR
-
-
-@contextmanager
-def statements(engine):
-    sent: list[str] = []
-
-    def _sent(_conn, _cursor, statement, _parameters, _context, _executemany):
-        sent.append(" ".join(statement.split()))
-
-    event.listen(engine, "before_cursor_execute", _sent)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", _sent)
 
 
 def _appointment(sch) -> int:

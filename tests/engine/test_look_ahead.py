@@ -4,33 +4,16 @@ patients and appointments come from the session, and on PostgreSQL the
 appointments are locked as they are loaded, not one by one again."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from engine.models import Appointment, AppointmentResource
 from engine.requests import Actor, ExternalAppointment, Identifier, PatientRecord
-from tests.engine.helpers import STAFF, local, minutes, provider_id, resource_id
+from tests.engine.helpers import STAFF, local, minutes, provider_id, resource_id, statements
 
 EHR = Actor("message", "EPIC^HOSP", "inbound message 7")
 TUESDAY = "2026-03-03"
-
-
-@contextmanager
-def statements(engine):
-    """The SQL statements sent while the block runs."""
-    sent: list[str] = []
-
-    def _sent(_conn, _cursor, statement, *_args):
-        sent.append(" ".join(statement.split()))
-
-    event.listen(engine, "before_cursor_execute", _sent)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", _sent)
 
 
 def booked(sch, placer_id: str, *, at: str = "09:00", **kw) -> Appointment:
