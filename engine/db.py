@@ -296,7 +296,7 @@ class Direct:
 
     ``Connection.execute`` spends three to four times the database's own time on a
     small statement: the cache key, the parameters, the execution context, the result.
-    The apply path runs about eight statements a message, all of fixed shape, so
+    The apply path runs about a dozen statements a message, nearly all of fixed shape, so
     here a statement is compiled once per dialect and per set of parameter names,
     with SQLAlchemy's own bind and result processors and Python-side column
     defaults, and each run only converts the values and calls the driver.  What
