@@ -3,7 +3,9 @@
 When a slot frees — a cancellation, no-show, discontinued or deleted visit,
 an expired hold, blocked time opened again, a reschedule that left its old
 slot, or an emergency hold released for routine use — this plugin plans a
-``fill`` task in the same transaction (``slotengine_schedule_changed``), and
+``fill`` task in the same transaction (``slotengine_schedule_changed``) if
+anyone is waiting (a slot freed while the waitlist is empty is not offered
+later to patients who join it: they are booked into free slots directly), and
 right after commit (``slotengine_after_change``) or at the next sweep ranks
 the waiting patients who fit the slot: urgency first (same-day urgent needs
 before anything), then days waiting and fit (type, duration, provider,
@@ -39,6 +41,7 @@ Settings::
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from functools import partial
@@ -73,6 +76,8 @@ from engine.states import OCCUPYING
 log = logging.getLogger("slotengine.plugins.waitlist_fill")
 
 NAME = "waitlist_fill"
+#: Set when a transaction planned a ``fill`` task: only then does the after-change sweep look for one.
+PLANNED = f"{NAME}.planned"
 #: Changes that free slots (their ``slot_ids``).
 FREEING = ("cancelled", "no_show", "discontinued", "deleted", "hold_expired", "slots_opened", "rescheduled")
 BOOKED = ("booked", "overbooked")
@@ -129,9 +134,14 @@ def slotengine_configure(settings: dict[str, Any], context) -> None:
     if parsed.offer_batch < 1:
         raise ValueError("[plugins.waitlist_fill].offer_batch: at least 1")
     context.state[NAME] = parsed
+    context.state[PLANNED] = threading.Event()
 
 
 # --- noticing freed slots ------------------------------------------------------------------
+
+
+_ANYONE_WAITING = Direct(select(WaitlistEntry.__table__.c.id).where(WaitlistEntry.__table__.c.status == "waiting")
+                        .limit(1))
 
 
 @hookimpl(trylast=True)
@@ -140,8 +150,11 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
         return
     now = context.clock.now()
     if change.kind in FREEING and change.slot_ids:
+        if not _ANYONE_WAITING.fetch(session):
+            return  # nobody to offer it to: no task, and no sweep after the commit
         plan_task(session, plugin=NAME, kind="fill", due_at=now, now=now, appointment_id=change.appointment_id,
                   payload={"slot_ids": list(change.slot_ids), "why": change.kind})
+        context.state[PLANNED].set()  # a rollback leaves it set: the sweep then finds nothing, harmlessly
     elif change.kind in ("change_confirmed", "change_refused", "change_expired") and \
             change.detail.get("requester", {}).get("waitlist_offer_id"):
         _owner_answered(context, session, change, now)
@@ -175,7 +188,10 @@ def _owner_answered(context, session: Session, change: Change, now: datetime) ->
 def slotengine_after_change(change: Change, context) -> None:
     settings = _settings(context)
     if settings is not None and settings.fill_on_change and change.kind in FREEING and change.slot_ids:
-        fill_pending(context)
+        planned = context.state[PLANNED]
+        if planned.is_set():
+            planned.clear()  # before the sweep: a task planned meanwhile sets it again for its own change
+            fill_pending(context)
 
 
 def fill_pending(context) -> str:
@@ -270,10 +286,6 @@ def _busy(session: Session, patient_id: int, slot: Slot, ignore: Optional[int]) 
     if ignore is not None:
         clauses.append(Appointment.id != ignore)
     return session.scalar(select(Appointment.id).where(*clauses).limit(1)) is not None
-
-
-_ANYONE_WAITING = Direct(select(WaitlistEntry.__table__.c.id).where(WaitlistEntry.__table__.c.status == "waiting")
-                        .limit(1))
 
 
 def offer_slot(context, session: Session, slot: Slot, now: datetime, *, overbook: bool = False) -> list[WaitlistOffer]:

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from engine.models import OutboxItem, Slot, WaitlistEntry, WaitlistOffer
+from engine.models import OutboxItem, PluginTask, Slot, WaitlistEntry, WaitlistOffer
 from engine.plugin import hookimpl
 from engine.plugin_host import PluginHost
 from engine.signing import make_token
@@ -60,6 +60,23 @@ def test_a_cancellation_is_offered_to_the_best_fitting_patients_urgent_first(cli
     with clinic.scheduler.sessions() as session:
         messages = list(session.scalars(select(OutboxItem).where(OutboxItem.kind == "waitlist_offer")))
     assert sorted(m.channel for m in messages) == ["email", "email", "sms"]
+
+
+def test_a_slot_freed_while_nobody_waits_plans_no_fill_and_runs_no_sweep(clinic, cancelled_slot, monkeypatch):
+    import plugins.waitlist_fill as waitlist_fill
+    sweeps = []
+    monkeypatch.setattr(waitlist_fill, "sweep_tasks", lambda *a, **kw: sweeps.append(kw["kinds"]) or 0)
+    clinic.scheduler.cancel(cancelled_slot.id, STAFF)
+    with clinic.scheduler.sessions() as session:
+        assert session.scalars(select(PluginTask).where(PluginTask.plugin == "waitlist_fill")).all() == []
+    assert sweeps == []
+    waiting = clinic.patient("W1", email="w1@example.org")
+    wait(clinic, waiting)
+    clinic.scheduler.cancel(clinic.book(clinic.patient("W2"), after=utc(2026, 3, 3, 15)).id, STAFF)
+    assert sweeps == [("fill",)]  # someone waits: planned, and swept right after the commit
+    with clinic.scheduler.sessions() as session:
+        [task] = session.scalars(select(PluginTask).where(PluginTask.plugin == "waitlist_fill"))
+    assert task.kind == "fill" and task.status == "pending"  # the stubbed sweep left it for the timed one
 
 
 def cancelled_slot_slot(clinic, appointment):
