@@ -386,9 +386,12 @@ def apply_message(scheduler: Scheduler, message: Message, *, mode: str, message_
     except SchedulingError as exc:  # not converted where it happened: name the message
         raise MappingError(_error(207, f"the schedule refused the message: {type(exc).__name__}: {exc}",
                                   "MSH", 1, 9)) from exc
-    log.info("message %s", status, extra={"message_id": message_id, "control_id": message.control_id,
-                                          "message_type": f"{message_type}^{event}",
-                                          "appointment_id": ctx.appointment_id, "warnings": len(ctx.warnings)})
+    # one line per message would be the busiest line of the log; the inbox holds every message's
+    # outcome (``slotengine messages list``), so only what is out of the ordinary is logged at INFO
+    log.log(logging.DEBUG if status == "applied" and not ctx.warnings else logging.INFO,
+            "message %s", status, extra={"message_id": message_id, "control_id": message.control_id,
+                                         "message_type": f"{message_type}^{event}",
+                                         "appointment_id": ctx.appointment_id, "warnings": len(ctx.warnings)})
     return ApplyResult(status, ctx.warnings)
 
 
@@ -436,6 +439,8 @@ class _Context:
         self.default_tz: str = scheduler.settings.default_timezone
         self.appointment_id: Optional[int] = None
         self._held: list[Any] = []
+        #: patients this message registered: they had no coverage and no appointment before it
+        self.created: set[int] = set()
 
     # Made on first use: ``look_ahead`` reads messages through a context and calls nothing.
 
@@ -846,6 +851,8 @@ def _register(ctx: _Context, pid: Segment, record: PatientRecord) -> int:
     with ctx.engine_call(pid, 3):
         patient = ctx.scheduler.register_patient(record, ctx.actor, named=[o.id for o in owners])
     ctx.hold(patient)
+    if not owners:
+        ctx.created.add(patient.id)
     return patient.id
 
 
@@ -881,11 +888,17 @@ def _coverages(ctx: _Context, patient_id: int) -> None:
             in2_of[id(current)] = seg
         elif seg.name not in ("IN3", "ROL", "NTE", "IN2"):
             current = None
+    recorded: set[tuple[str, str]] = set()  # by this message
     for position, in1 in enumerate(ctx.message.segments_named("IN1"), 1):
         record = _coverage_record(ctx, in1, in2_of.get(id(in1)), position)
         if record is None:
             continue
-        coverage = ctx.scheduler.coverage_of(patient_id, record.payer_id, record.member_id)
+        key = (record.payer_id, record.member_id)
+        if patient_id in ctx.created and key not in recorded:
+            coverage = None  # a patient new with this message has no coverage to look up
+        else:
+            coverage = ctx.scheduler.coverage_of(patient_id, record.payer_id, record.member_id)
+        recorded.add(key)
         if coverage is not None and _coverage_unchanged(coverage, record):
             continue
         with ctx.engine_call(in1, 3):
@@ -956,8 +969,8 @@ def _apply_adt(ctx: _Context) -> str:
     patient_id = _register(ctx, pid, _patient_record(ctx, pid, pd1, pv1))
     _coverages(ctx, patient_id)
     _patient_flags(ctx, patient_id, pd1)
-    if event in ("A01", "A04", "A03", "A11", "A13"):
-        _visit_event(ctx, patient_id, pv1)
+    if event in ("A01", "A04", "A03", "A11", "A13") and patient_id not in ctx.created:
+        _visit_event(ctx, patient_id, pv1)  # (a patient new with this message has no appointment to mark)
     return "applied"
 
 

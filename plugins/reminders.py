@@ -236,12 +236,12 @@ def plan_reminders(session: Session, appointment: Appointment, context, *, confi
     if declined is None:
         declined = opt_outs(session, appointment.patient_id)
     if "reminder" in declined:
-        log.info("the patient declined reminders", extra={"appointment_id": appointment.id})
+        log.debug("the patient declined reminders", extra={"appointment_id": appointment.id})
         return 0
     chosen = choose_channel(patient, [c for c in settings.channels if c in context.channels and c not in declined],
                             settings.channels)
     if chosen is None:
-        log.info("no channel reaches the patient; no reminders", extra={"appointment_id": appointment.id})
+        log.debug("no channel reaches the patient; no reminders", extra={"appointment_id": appointment.id})
         return 0
     channel = chosen[0]
     tz = _zone_of(session, appointment.location_id, context.scheduler.settings.default_timezone)

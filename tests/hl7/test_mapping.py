@@ -43,6 +43,7 @@ from hl7.mapping import (
 )
 from hl7.message import Message, escape, parse, split_messages
 from tests.conftest import CORPUS
+from tests.engine.helpers import statements
 
 UTC = timezone.utc
 
@@ -842,6 +843,25 @@ def test_coverage_verification_and_member_number(slotengine_scheduler):
         "ACME", "GOLD", "G-7", "MEM-42")
     assert (coverage.priority, coverage.verification_status) == (2, "verified")
     assert coverage.verified_at == datetime(2026, 2, 15, 5, 0, tzinfo=UTC)
+
+
+def test_a_patient_new_with_the_message_is_not_searched_for_coverage_or_visits(slotengine_scheduler):
+    """Two IN1 of one payer and member: the second updates what the first recorded."""
+    first = segment("IN1", {1: "1", 2: "GOLD", 3: "ACME", 36: "MEM-1"})
+    second = segment("IN1", {1: "2", 2: "PLATINUM", 3: "ACME", 36: "MEM-1"})
+    engine = slotengine_scheduler.sessions.kw["bind"]
+    with statements(engine) as sent:
+        apply(slotengine_scheduler, adt("A04", "PID|1||M-1^^^H^MR||Doe^Jo", "PV1|1|O", first, second))
+    patient = patient_by(slotengine_scheduler, "M-1", "H", "MR")
+    with slotengine_scheduler.sessions() as session:
+        [coverage] = session.scalars(select(Coverage).where(Coverage.patient_id == patient.id))
+    assert (coverage.plan_id, coverage.priority) == ("PLATINUM", 2)
+    assert [s for s in sent if s.startswith("SELECT") and "FROM appointments" in s] == []
+    assert len([s for s in sent if s.startswith("SELECT") and "FROM coverages WHERE coverages.patient_id" in s]) \
+        == 1  # the second IN1's
+    apply(slotengine_scheduler, adt("A04", "PID|1||M-1^^^H^MR||Doe^Jo", "PV1|1|O", first), message_id=2)
+    with slotengine_scheduler.sessions() as session:
+        assert session.scalars(select(Coverage.plan_id).where(Coverage.patient_id == patient.id)).all() == ["GOLD"]
 
 
 # --- ADT: arrival, completion and their reversals ------------------------------------------------------
