@@ -246,6 +246,8 @@ class Listener:
         sender = f"{message.sending_application}^{message.sending_facility}" if message else "?^?"
         control_id = message.control_id if message and message.control_id else ""
         kind = _type_of(message)
+        if "\x00" in sender + control_id + kind:  # refused (check_header); kept for the record without it
+            sender, control_id, kind = (text.replace("\x00", "\ufffd") for text in (sender, control_id, kind))
         log.debug("message received", extra={"feed": feed.name, "control_id": control_id,
                                              "message_type": kind, "bytes": len(raw)})
         if not problems and not feed.allows_sender(message.sending_application, message.sending_facility):

@@ -492,20 +492,22 @@ class _Context:
 
 
 def _val(seg: Optional[Segment], field_: int, component: int = 1, sub: int = 1, rep: int = 1) -> str:
-    """A decoded value, stripped; ``NULL`` when the sender wrote ``""``."""
+    """A decoded value, stripped; ``NULL`` when the sender wrote ``""``.  Soft hyphens and
+    NUL characters (``\\X00\\``, or the byte itself) are dropped: neither means anything in
+    a name, code or note, and PostgreSQL stores no NUL in text."""
     if seg is None:
         return ""
     value = seg.value(field_, component, sub, rep)
     if not value:  # "" or NULL, as it is
         return value
-    return value.replace("\u00ad", "").strip()
+    return value.replace("\u00ad", "").replace("\x00", "").strip()
 
 
 def _vals(seg: Optional[Segment], field_: int, count: int, rep: int = 1) -> list[str]:
     """``_val`` of components 1..count of one repetition, the field split once."""
     if seg is None:
         return [""] * count
-    return [value.replace("\u00ad", "").strip() if value else value
+    return [value.replace("\u00ad", "").replace("\x00", "").strip() if value else value
             for value in seg.component_values(field_, count, rep)]
 
 

@@ -907,15 +907,21 @@ def check_header(msg: Message) -> list[ErrorDetail]:
 
     Errors (E) concern what the receiver needs to route and acknowledge:
     MSH-9 type and trigger, MSH-10, MSH-11 processing id, a version that is
-    not v2. Warnings (W): MSH-11 or MSH-12 missing, a v2 version we do not
-    know, MSH-15/16 values outside table 0155. Message types and events are
-    the mapping layer's to judge (codes 200/201).
+    not v2, a NUL character in MSH-3, -4, -9 or -10. Warnings (W): MSH-11 or
+    MSH-12 missing, a v2 version we do not know, MSH-15/16 values outside
+    table 0155. Message types and events are the mapping layer's to judge
+    (codes 200/201).
     """
 
     def at(field: int, code: str, text: str, severity: str = "E", component: int = 0) -> ErrorDetail:
         return ErrorDetail("MSH", 1, field, component, code, severity, text)
 
     problems: list[ErrorDetail] = []
+    # the identity and type of the message are stored as text, where PostgreSQL takes no NUL
+    for field, value in ((3, msg.sending_application), (4, msg.sending_facility),
+                         (9, msg.message_type + msg.trigger_event), (10, msg.control_id)):
+        if "\x00" in value:
+            problems.append(at(field, "102", f"MSH-{field} holds a NUL character"))
     if not msg.message_type:
         problems.append(at(9, "101", "MSH-9 message type missing"))
     elif not msg.trigger_event:

@@ -162,7 +162,7 @@ class Processor:
             # per sender, for this whole transaction: may its messages be applied here?
             allowed: dict[str, bool] = {}
             batch_started = time.monotonic()
-            for row, message in self._waiting(session, allowed):
+            for row, message in self._waiting(session, allowed, guarded):
                 if outcomes and (len(outcomes) >= self.batch_size
                                  or time.monotonic() - batch_started > BATCH_SECONDS):
                     break  # the rest stay "received" for the next batch
@@ -172,7 +172,8 @@ class Processor:
                 view = self.scheduler.within(session)
                 outcome = self._apply_one(session, view, row, message, guarded)
                 finished.append({"message_id": row.id, "status": outcome.status, "attempts": row.attempts + 1,
-                                 "error": "; ".join(e.message for e in outcome.errors)[:4000]
+                                 # an error may quote the message, and PostgreSQL stores no NUL in text
+                                 "error": "; ".join(e.message for e in outcome.errors)[:4000].replace("\x00", "\ufffd")
                                  if outcome.status == PARKED else "",
                                  "processed_at": self.scheduler.clock.now(), "application_ack": outcome.reply})
                 if outcome.status == APPLIED:
@@ -204,9 +205,15 @@ class Processor:
         return session.scalar(select(func.count()).select_from(InboundMessage)
                               .where(InboundMessage.status == RECEIVED))
 
-    def _waiting(self, session: Session, allowed: dict[str, bool]) -> Iterator[tuple[Any, Optional[Message]]]:
+    def _waiting(self, session: Session, allowed: dict[str, bool],
+                 guarded: bool) -> Iterator[tuple[Any, Optional[Message]]]:
         """The waiting rows, each with its message parsed (None: it does not parse), a few at
-        a time: the patients those few name are looked up with one query before any applies."""
+        a time: the patients those few name are looked up with one query before any applies.
+
+        That look-up is only a shortcut (each message looks up what it lacks), so its failure
+        must not hold the feed up: unguarded, the batch is redone guarded; guarded, the look-up
+        runs in a savepoint and, failing, is left out, and each message's own look-up fails in
+        that message's savepoint, which parks it alone."""
         after_id = 0
         view = self.scheduler.within(session)
         while rows := self._claim(session, after_id, allowed):
@@ -215,7 +222,21 @@ class Processor:
             messages = [(parsed_before.get(row.id) or _parsed(row.raw)) if allowed[row.sender] else None
                         for row in rows]
             self._parsed_ahead = {row.id: message for row, message in zip(rows, messages) if message is not None}
-            look_ahead(view, [message for message in messages if message is not None])
+            ahead = [message for message in messages if message is not None]
+            if not guarded:
+                try:
+                    look_ahead(view, ahead)
+                except Exception as exc:  # noqa: BLE001 - see above
+                    raise _RedoGuarded(f"the look-ahead raised {type(exc).__name__}") from exc
+            else:
+                savepoint = session.begin_nested()
+                try:
+                    look_ahead(view, ahead)
+                except Exception:  # noqa: BLE001 - see above
+                    savepoint.rollback()
+                    log.warning("look-ahead failed; the messages look up for themselves", exc_info=True)
+                else:
+                    savepoint.commit()
             yield from zip(rows, messages)
             after_id = rows[-1].id
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hl7.client import MLLPClient, check_ack
+from hl7.message import parse
 from tests.e2e.daemon import DaemonConfig, DaemonProcess, waiting_messages
 from tests.e2e.test_daemon import siu, wait_until
 
@@ -221,3 +222,53 @@ def test_database_unavailable_no_positive_ack_no_loss(tmp_path):
             next(schema_urls)
         except StopIteration:
             pass
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def any_database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nul.db'}"
+        return
+    from engine.testing import postgresql_schema_url
+
+    yield from postgresql_schema_url()
+
+
+def test_nul_characters_neither_lose_nor_block_messages(tmp_path, any_database_url):
+    """PostgreSQL stores no NUL in text.  A NUL in a value (``\\X00\\`` or the byte) is dropped
+    and the message applies; one in MSH-10 is refused naming MSH-10, and the feed goes on."""
+    from sqlalchemy import create_engine, text
+
+    daemon = DaemonProcess(DaemonConfig(tmp_path, any_database_url)).start()
+    engine = create_engine(any_database_url)
+    try:
+        client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=10)
+        sent = {
+            "N1": siu("N1", "PN1", mrn="NUL1").replace(b"Testperson^Alex", b"Test\\X00\\person^Alex"),
+            "N2": siu("N2", "PN2", mrn="NUL2").replace(b"Testperson^Alex", b"Test\x00person^Alex"),
+            "N3": siu("N3", "P\\X00\\N3", mrn="NU\\X00\\L3"),
+        }
+        for cid, raw in sent.items():
+            assert check_ack(cid, client.send(raw)) == (True, "AA", "")
+        refused = parse(client.send(siu("N4\x00X", "PN4", mrn="NUL4")))
+        assert refused.first("MSA").value(1) == "AR"
+        [err] = refused.segments_named("ERR")
+        assert (err.value(2, 1), err.value(2, 3), err.value(3, 1)) == ("MSH", "10", "102")
+        assert check_ack("N5", client.send(siu("N5", "PN5", mrn="NUL5")))[0]  # the feed goes on
+        client.close()
+
+        def settled():
+            with engine.connect() as connection:
+                rows = dict(connection.execute(text("select control_id, status from inbound_messages")).all())
+            return rows if "received" not in rows.values() and len(rows) == 5 else None
+
+        statuses = wait_until(settled, timeout=60, interval=0.2)
+        assert statuses == {"N1": "applied", "N2": "applied", "N3": "applied", "N4\ufffdX": "refused", "N5": "applied"}
+        with engine.connect() as connection:
+            assert set(connection.execute(text("select family_name from patients")).scalars()) == {"Testperson"}
+            assert set(connection.execute(text("select value from patient_identifiers")).scalars()) == {
+                "NUL1", "NUL2", "NUL3", "NUL5"}
+            assert "PN3^EPIC" in set(connection.execute(text("select placer_id from appointments")).scalars())
+    finally:
+        engine.dispose()
+        daemon.stop()

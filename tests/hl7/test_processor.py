@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from engine.metrics import Metrics
 from engine.models import InboundMessage, Patient, PatientIdentifier, PluginTask
@@ -123,7 +123,7 @@ def test_a_message_failing_after_writing_is_undone_and_the_batch_redone_guarded(
     harness.savepoints = 0
     harness.receive(adt_a04("A2", "MRN-3"))
     harness.apply_all()
-    assert harness.savepoints == 1, f"batches stay guarded for {GUARDED_SECONDS} s after a redo"
+    assert harness.savepoints == 2, f"batches stay guarded for {GUARDED_SECONDS} s after a redo"  # look-ahead, A2
 
     harness.processor._guarded_until = 0.0  # the quiet minute has passed
     harness.savepoints = 0
@@ -250,3 +250,24 @@ def test_a_provider_created_in_an_undone_batch_is_not_remembered(harness):
         providers = set(session.execute(select(Provider.code).join(Appointment, Appointment.provider_id == Provider.id)
                                         .where(Appointment.placer_id.in_(("P-8", "P-9")))).scalars())
     assert providers == {"DRNEW"}
+
+
+def test_a_failing_look_ahead_holds_nothing_up(harness, monkeypatch, caplog):
+    """The look-ahead is a shortcut: a statement of it that the database refuses (which on
+    PostgreSQL aborts the transaction) redoes the batch guarded, where it runs in a
+    savepoint and is left out; every message still applies, none is retried for ever."""
+    real = processor.look_ahead
+
+    def refusing(view, messages):
+        if any(m.control_id == "POISON" for m in messages):
+            with view.sessions() as session:
+                session.execute(text("SELECT * FROM no_such_table"))
+        real(view, messages)
+
+    monkeypatch.setattr(processor, "look_ahead", refusing)
+    harness.receive(adt_a04("A1", "MRN-1"), siu("S12", "POISON"), adt_a04("A2", "MRN-2"))
+    harness.apply_all()
+    assert harness.statuses() == [("A1", APPLIED), ("POISON", APPLIED), ("A2", APPLIED)]
+    assert harness.redone == 1
+    assert harness.mrns() == {"MRN-1", "MRN-2"}
+    assert "look-ahead failed" in caplog.text
