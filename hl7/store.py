@@ -446,7 +446,7 @@ class GroupCommitter:
         self._thread.start()
 
     async def stop(self) -> None:
-        """Ends the thread after the batch in flight; requests still queued are not stored."""
+        """Ends the thread once every request queued is stored (or refused) and answered."""
         with self._work:
             self._stopping = True
             self._work.notify()
@@ -465,8 +465,8 @@ class GroupCommitter:
             with self._work:
                 while not self._pending and not self._stopping:
                     self._work.wait()
-                if self._stopping:
-                    return
+                if not self._pending:
+                    return  # stopping, and every request answered
                 batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch))]
             try:
                 results = self.store.store_batch([item for item, _ in batch])

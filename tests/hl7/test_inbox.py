@@ -198,3 +198,26 @@ class _FailingCommit:
 
     def __getattr__(self, name):
         return getattr(self.connection, name)
+
+
+def test_stopping_the_committer_stores_and_answers_what_is_queued(database):
+    import asyncio
+
+    from hl7.store import GroupCommitter, Stored
+
+    path, engine = database
+    store = open_store(path, engine)
+
+    async def run() -> list:
+        committer = GroupCommitter(store, max_batch=8)
+        committer.start()
+        requests = [asyncio.ensure_future(committer.submit(incoming(f"Q{n}", body=f"B{n}"))) for n in range(60)]
+        await asyncio.sleep(0)  # every request queued, few committed yet
+        await committer.stop()
+        done, pending = await asyncio.wait(requests, timeout=5)
+        assert not pending, "a request queued at stop was never answered"
+        return [task.result() for task in requests]
+
+    answers = asyncio.run(run())
+    assert all(isinstance(answer, Stored) and not answer.duplicate for answer in answers)
+    assert inbox_ids(path) == sorted(answer.message_id for answer in answers)
