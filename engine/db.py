@@ -15,6 +15,7 @@ from collections import namedtuple
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -368,7 +369,7 @@ class _Form:
     """One compiled form of a ``Direct`` statement."""
 
     __slots__ = ("sql", "binds", "defaults", "generated", "positional", "results", "row_type",
-                 "values_clause", "_by_row_count")
+                 "values_clause", "_by_row_count", "_names", "_pick", "_processed", "_merge")
 
     def __init__(self, statement: Any, dialect: Any, keys: frozenset[str]):
         compiled = statement.compile(dialect=dialect, column_keys=sorted(keys), for_executemany=True)
@@ -399,15 +400,26 @@ class _Form:
         imv = getattr(compiled, "_insertmanyvalues", None)
         self.values_clause = f"({imv.single_values_expr})" if imv is not None and self.positional else None
         self._by_row_count: dict[int, _Form] = {}
+        # binding runs for every row written (a booking writes a dozen reservations): values
+        # picked in one C call, and only those of a type with a processor converted
+        self._names = tuple(name for name, _process in self.binds)
+        self._pick = itemgetter(*self._names) if len(self._names) > 1 else \
+            (lambda values, names=self._names: tuple(values[name] for name in names))
+        self._processed = [(index, process) for index, (_name, process) in enumerate(self.binds) if process]
+        self._merge = bool(self.defaults or self.generated)
 
     def bind(self, params: Optional[dict[str, Any]]) -> Any:
-        values = {**self.defaults, **params} if params else dict(self.defaults)
-        for name, make in self.generated:
-            if name not in values:
-                values[name] = make(None)  # SQLAlchemy's wrapper of a default callable takes a context
-        if self.positional:
-            return [process(values[name]) if process else values[name] for name, process in self.binds]
-        return {name: process(values[name]) if process else values[name] for name, process in self.binds}
+        if self._merge or not params:
+            values = {**self.defaults, **params} if params else dict(self.defaults)
+            for name, make in self.generated:
+                if name not in values:
+                    values[name] = make(None)  # SQLAlchemy's wrapper of a default callable takes a context
+        else:
+            values = params  # read only
+        row = list(self._pick(values))
+        for index, process in self._processed:
+            row[index] = process(row[index])
+        return row if self.positional else dict(zip(self._names, row))
 
     def for_rows(self, count: int) -> "_Form":
         """This INSERT with ``count`` VALUES tuples, for as many parameter sets laid end to end."""
