@@ -6,9 +6,12 @@ figures.
 """
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 
@@ -21,7 +24,7 @@ class Metrics:
         self.plugin_errors = Counter(
             "slotengine_plugin_errors_total", "Plugin hook calls that raised", ["plugin", "hook"], registry=r
         )
-        self.plugin_seconds = Histogram(
+        self.plugin_seconds = LeanHistogram(
             "slotengine_plugin_seconds", "Time spent in plugin hook calls", ["plugin", "hook"], registry=r
         )
         self.messages_received = Counter(
@@ -89,3 +92,79 @@ class CombinedRegistry:
                     kept = found.samples[index[key]]
                     found.samples[index[key]] = kept._replace(value=kept.value + sample.value)
         return list(merged.values())
+
+
+class LeanHistogram:
+    """A labelled histogram, exposed as ``prometheus_client``'s is, that costs a third as
+    much to observe: the bucket found by bisection and counted in the observing thread's own
+    list, where ``Histogram.observe`` takes two locks.  Every change runs each plugin's hook
+    and times it: a dozen observations for every message applied."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], *, registry: CollectorRegistry,
+                 buckets: Iterable[float] = Histogram.DEFAULT_BUCKETS):
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets if b != float("inf"))
+        self._children: dict[tuple[str, ...], _LeanChild] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> "_LeanChild":
+        key = tuple(str(value) for value in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, given {key}")
+        with self._lock:
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = _LeanChild(self.bounds)
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> list[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            children = list(self._children.items())
+        for key, child in children:
+            counts, total = child.read()
+            cumulative, running = [], 0
+            for bound, count in zip((*self.bounds, float("inf")), counts):
+                running += count
+                cumulative.append((_bound_text(bound), running))
+            family.add_metric(list(key), cumulative, total)
+        return [family]
+
+
+class _LeanChild:
+    """Counts kept per thread, each list written by its own thread only: no lock per
+    observation.  A reader sums them (an observation may show in a bucket a moment before
+    it shows in the sum, as with ``prometheus_client``, which locks each separately)."""
+
+    __slots__ = ("_bounds", "_by_thread", "_lock")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self._bounds = bounds
+        self._by_thread: dict[int, list] = {}  # thread id -> bucket counts, +Inf last, then the sum
+        self._lock = threading.Lock()
+
+    def observe(self, amount: float) -> None:
+        counts = self._by_thread.get(threading.get_ident())
+        if counts is None:
+            counts = self._own_counts()
+        counts[bisect_left(self._bounds, amount)] += 1  # the first bucket whose bound is >= amount ("le")
+        counts[-1] += amount
+
+    def _own_counts(self) -> list:
+        with self._lock:  # a thread id is reused only once its thread has ended: its counts go on
+            return self._by_thread.setdefault(threading.get_ident(), [0] * (len(self._bounds) + 1) + [0.0])
+
+    def read(self) -> tuple[list[int], float]:
+        with self._lock:
+            every = [list(counts) for counts in self._by_thread.values()]
+        totals = [sum(column) for column in zip(*every)] if every else [0] * (len(self._bounds) + 1) + [0.0]
+        return totals[:-1], float(totals[-1])
+
+
+def _bound_text(bound: float) -> str:
+    """A bucket's ``le`` label as prometheus_client writes it (``0.005``, ``1.0``, ``+Inf``)."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
