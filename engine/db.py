@@ -14,6 +14,7 @@ import threading
 from collections import namedtuple
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import partial
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -368,7 +369,7 @@ class Direct:
 class _Form:
     """One compiled form of a ``Direct`` statement."""
 
-    __slots__ = ("sql", "binds", "defaults", "generated", "positional", "results", "row_type",
+    __slots__ = ("sql", "binds", "defaults", "generated", "positional", "results", "row_type", "new_row",
                  "values_clause", "_by_row_count", "_names", "_pick", "_processed", "_merge")
 
     def __init__(self, statement: Any, dialect: Any, keys: frozenset[str]):
@@ -397,6 +398,8 @@ class _Form:
         columns = compiled._result_columns
         self.results = [column[3]._cached_result_processor(dialect, None) for column in columns]
         self.row_type = namedtuple("Row", [column[0] for column in columns], rename=True) if columns else None
+        # ``Row._make`` less its length check, which the statement's own columns make needless
+        self.new_row = partial(tuple.__new__, self.row_type) if columns else None
         imv = getattr(compiled, "_insertmanyvalues", None)
         self.values_clause = f"({imv.single_values_expr})" if imv is not None and self.positional else None
         self._by_row_count: dict[int, _Form] = {}
@@ -431,7 +434,7 @@ class _Form:
                 raise ValueError("only a positional INSERT … VALUES takes several rows in one statement")
             form = _Form.__new__(_Form)
             form.sql = self.sql.replace(self.values_clause, ", ".join([self.values_clause] * count))
-            form.positional, form.results, form.row_type = True, self.results, self.row_type
+            form.positional, form.results, form.row_type, form.new_row = True, self.results, self.row_type, self.new_row
             self._by_row_count[count] = form
         return form
 
@@ -461,9 +464,9 @@ class _Form:
             connection._handle_dbapi_exception(exc, sql, parameters, cursor, None)
         finally:
             cursor.close()
-        make, processors = self.row_type._make, self.results
+        make, processors = self.new_row, self.results
         if not any(processors):
-            return [make(row) for row in fetched]
+            return list(map(make, fetched))
         return [make([process(value) if process else value for process, value in zip(processors, row)])
                 for row in fetched]
 
