@@ -20,6 +20,12 @@ from zoneinfo import ZoneInfo
 
 UNIT_MINUTES = 5  # granularity of the double-booking guard; slot lengths are multiples
 
+#: The longest a slot can last: ``day_slots`` cuts slots inside one day's window of wall-clock
+#: time, 25 hours at most across a fall-back night.  Queries for the slots overlapping a time
+#: look no further back than this before it, so they read the slots of about a day, not every
+#: slot the calendar ever had.
+LONGEST_SLOT = timedelta(hours=25)
+
 
 @lru_cache(maxsize=256)
 def zone(name: str) -> ZoneInfo:

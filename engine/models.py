@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from engine.calendar import LONGEST_SLOT
 from engine.db import Base, UTCDateTime
 
 # --- calendars ---------------------------------------------------------------
@@ -123,6 +124,14 @@ class Slot(Base):
     @property
     def is_free(self) -> bool:
         return not self.blocked and self.slot_type != "blocked" and self.booked < self.capacity
+
+    @classmethod
+    def overlapping(cls, start: datetime, end: datetime) -> tuple:
+        """Where a slot overlaps [start, end): ``select(Slot).where(owner, *Slot.overlapping(a, b))``.
+        Bounded below by the longest a slot lasts (``calendar.LONGEST_SLOT``), so that the index
+        on (owner, start) is read from a day before ``start``, not from the calendar's first slot:
+        the cost stays the same however much history the calendar holds."""
+        return cls.start >= start - LONGEST_SLOT, cls.start < end, cls.end > start
 
 
 class TimeBlock(Base):

@@ -226,6 +226,7 @@ _RELEASE_SEATS = Direct(update(_SLOTS).where(_SLOTS.c.id == bindparam("slot_id")
                         .values(booked=_SLOTS.c.booked - 1))
 _UNLINK_SLOTS = Direct(delete(_APPOINTMENT_SLOTS).where(_APPOINTMENT_SLOTS.c.appointment_id == bindparam("appointment_id")))
 _PROVIDER_SLOTS = Direct(select(_SLOTS.c.id).where(_SLOTS.c.provider_id == bindparam("provider_id"),
+                                                   _SLOTS.c.start >= bindparam("earliest_start"),
                                                    _SLOTS.c.start < bindparam("end"), _SLOTS.c.end > bindparam("start")))
 _TAKE_SEATS = Direct(update(_SLOTS).where(_SLOTS.c.id == bindparam("slot_id")).values(booked=_SLOTS.c.booked + 1))
 _HOLDS_TIME = Direct(select(_RESERVATIONS.c.appointment_id)
@@ -676,7 +677,7 @@ class Scheduler:
         owner = Slot.provider_id == provider_id if provider_id is not None else Slot.resource_id == resource_id
         rows = session.execute(
             select(Slot.id, Slot.start, Slot.end, Slot.booked, Slot.capacity, Slot.blocked, Slot.slot_type)
-            .where(owner, Slot.start < end, Slot.end > start)
+            .where(owner, *Slot.overlapping(start, end))
             .order_by(Slot.start)
         ).all()
         cursor = start
@@ -927,7 +928,7 @@ class Scheduler:
         else:
             raise InvalidRequest("a booking needs a slot, or a provider and a start time")
         return list(session.connection().execute(
-            select(*_SLOT_COLUMNS).where(owner, _SLOTS.c.start < start + duration, _SLOTS.c.end > start)
+            select(*_SLOT_COLUMNS).where(owner, *Slot.overlapping(start, start + duration))
             .order_by(_SLOTS.c.start)
         ))
 
@@ -1444,7 +1445,7 @@ class Scheduler:
                               reason=reason, created_at=self.clock.now())
             session.add(block)
             owner = Slot.provider_id == provider_id if provider_id is not None else Slot.resource_id == resource_id
-            slot_ids = list(session.scalars(select(Slot.id).where(owner, Slot.start < end, Slot.end > start)))
+            slot_ids = list(session.scalars(select(Slot.id).where(owner, *Slot.overlapping(start, end))))
             if slot_ids:
                 session.execute(update(Slot).where(Slot.id.in_(slot_ids)).values(blocked=True)
                                 .execution_options(synchronize_session=False))
@@ -1476,7 +1477,7 @@ class Scheduler:
                 TimeBlock.provider_id == block.provider_id if block.provider_id is not None else TimeBlock.resource_id == block.resource_id,
                 TimeBlock.start < block.end, TimeBlock.end > block.start)))
             opened = []
-            for slot in session.scalars(select(Slot).where(owner, Slot.start < block.end, Slot.end > block.start)):
+            for slot in session.scalars(select(Slot).where(owner, *Slot.overlapping(block.start, block.end))):
                 if any(o.start < slot.end and slot.start < o.end for o in others):
                     continue
                 slot.blocked = False
@@ -1971,7 +1972,9 @@ class Scheduler:
             linked = set() if unlinked else set(self._slot_ids(session, appointment.id))
             slot_ids = [row.id for row in _PROVIDER_SLOTS.rows(connection, {"provider_id": appointment.provider_id,
                                                                             "start": appointment.start,
-                                                                            "end": appointment.end})
+                                                                            "end": appointment.end,
+                                                                            "earliest_start":
+                                                                                appointment.start - calendar.LONGEST_SLOT})
                         if row.id not in linked]
             if slot_ids:
                 _TAKE_SEATS.run_many(connection, [{"slot_id": slot_id} for slot_id in slot_ids])
@@ -1999,7 +2002,7 @@ class Scheduler:
                 owner = (Slot.provider_id == template.provider_id) if template.provider_id is not None \
                     else (Slot.resource_id == template.resource_id)
                 existing = sorted(session.execute(
-                    select(Slot.start, Slot.end, Slot.template_id).where(owner, Slot.start < range_end, Slot.end > range_start)
+                    select(Slot.start, Slot.end, Slot.template_id).where(owner, *Slot.overlapping(range_start, range_end))
                 ))
                 own_starts = {s for s, _e, t in existing if t == template.id}
                 others = [(s, e) for s, e, t in existing if t != template.id]

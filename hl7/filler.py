@@ -682,8 +682,9 @@ def _search(request: _Request, want: _Want, limit: int) -> list[Candidate]:
 
 def _slot_location(request: _Request, provider_id: int, start: datetime) -> Optional[int]:
     with request.session() as session:
-        return session.scalar(select(Slot.location_id).where(Slot.provider_id == provider_id, Slot.start <= start,
-                                                             Slot.end > start).limit(1))
+        # the slot holding the instant ``start``: one overlapping [start, start + 1 µs)
+        return session.scalar(select(Slot.location_id).where(
+            Slot.provider_id == provider_id, *Slot.overlapping(start, start + timedelta(microseconds=1))).limit(1))
 
 
 def _attempts(request: _Request, want: _Want, *, in_place: bool = False) -> list[dict[str, Any]]:

@@ -355,8 +355,7 @@ def _problem(context, session: Session, row: EmergencyRequest, now: datetime) ->
                     and (pid in urgent_providers or specialties & set(p.specialties or []))}
     else:
         calendar = set(urgent_providers)
-    slots = list(session.scalars(select(Slot).where(Slot.provider_id.in_(calendar), Slot.end > now,
-                                                    Slot.start < horizon)))
+    slots = list(session.scalars(select(Slot).where(Slot.provider_id.in_(calendar), *Slot.overlapping(now, horizon))))
     plan_slots = [PlanSlot(s.id, f"provider:{s.provider_id}", s.start, s.end, s.slot_type, s.capacity, s.booked,
                            s.blocked or s.slot_type == "blocked", s.local_weekday, s.local_minute) for s in slots]
     links: dict[int, list[int]] = {}
@@ -364,7 +363,7 @@ def _problem(context, session: Session, row: EmergencyRequest, now: datetime) ->
             select(AppointmentSlot.appointment_id, AppointmentSlot.slot_id)
             .join(Slot, Slot.id == AppointmentSlot.slot_id)
             .join(Appointment, Appointment.id == AppointmentSlot.appointment_id)
-            .where(Slot.provider_id.in_(calendar), Slot.end > now, Slot.start < horizon,
+            .where(Slot.provider_id.in_(calendar), *Slot.overlapping(now, horizon),
                    Appointment.status.in_([s.value for s in OCCUPYING]))):
         links.setdefault(appointment_id, []).append(slot_id)
     appointments = {a.id: a for a in session.scalars(select(Appointment).where(Appointment.id.in_(list(links))))}
@@ -499,7 +498,7 @@ def _room_free(session: Session, room_id: int, start: datetime, end: datetime) -
     cursor = start
     for s_start, s_end, booked, capacity, blocked in session.execute(
             select(Slot.start, Slot.end, Slot.booked, Slot.capacity, Slot.blocked)
-            .where(Slot.resource_id == room_id, Slot.start < end, Slot.end > start).order_by(Slot.start)):
+            .where(Slot.resource_id == room_id, *Slot.overlapping(start, end)).order_by(Slot.start)):
         if s_start != cursor or booked >= capacity or blocked:
             return False
         cursor = s_end
@@ -520,7 +519,7 @@ def _first_free_start(session: Session, provider_id: int, row: EmergencyRequest,
         TimeBlock.provider_id == provider_id, TimeBlock.active.is_(True), TimeBlock.start < end_of_window,
         TimeBlock.end > start)))
     full = list(session.execute(select(Slot.start, Slot.end).where(
-        Slot.provider_id == provider_id, Slot.start < end_of_window, Slot.end > start,
+        Slot.provider_id == provider_id, *Slot.overlapping(start, end_of_window),
         or_(Slot.booked >= Slot.capacity, Slot.blocked.is_(True)))))
     while start <= row.latest_start:
         local = start.astimezone(zone(tz))

@@ -375,7 +375,7 @@ def schedule_days(sessions: sessionmaker, subject: Subject, first: date, days: i
     start, _ = _utc_day(first, tz)
     _, end = _utc_day(first + timedelta(days=days - 1), tz)
     with sessions() as session:
-        slot_stmt = select(Slot).where(Slot.start < end, Slot.end > start)
+        slot_stmt = select(Slot).where(*Slot.overlapping(start, end))
         appt_stmt = select(Appointment).where(Appointment.start < end, Appointment.end > start)
         block_stmt = select(TimeBlock).where(TimeBlock.start < end, TimeBlock.end > start, TimeBlock.active)
         if subject.kind == "provider":

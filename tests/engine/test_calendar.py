@@ -336,3 +336,56 @@ def test_an_overnight_window_ending_in_the_gap_does_not_run_into_the_next_day(cl
                                              "days": ["sat", "sun"], "start": "03:00", "end": "02:30",
                                              "slot_minutes": 30}]})
     assert clinic.expand_templates(date(2026, 3, 7), date(2026, 3, 8)) > 0
+
+
+# --- the longest slot: what bounds every query for the slots overlapping a time -------------------
+
+
+@CI
+@given(zone_and_day(), windows(), st.integers(1, 26 * 12))
+def test_no_slot_lasts_longer_than_the_longest_slot(zd, window, units_long):
+    tz, day = zd
+    start, end, _minutes = window
+    for s in day_slots(day, start, end, units_long * UNIT_MINUTES, tz):
+        assert s.end - s.start <= calendar.LONGEST_SLOT
+
+
+@settings(CI, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_slots_overlapping_a_time_are_found_as_by_the_plain_rule(clinic, data):
+    """``Slot.overlapping`` reads from LONGEST_SLOT before the start only; it finds what
+    ``start < end and end > start`` over every slot finds, among slots of any allowed length."""
+    from sqlalchemy import delete, insert
+
+    from tests.engine.helpers import provider_id
+
+    doctor = provider_id(clinic, "DR-NYC")
+    base = utc(2026, 11, 1)
+    minutes = st.integers(0, 4 * 24 * 12).map(lambda n: base + timedelta(minutes=5 * n))
+    slots = data.draw(st.lists(st.tuples(minutes, st.integers(1, 25 * 12)), max_size=30))
+    with clinic.sessions() as s, s.begin():
+        s.execute(delete(Slot))
+        location = s.scalar(select(func.min(Slot.location_id)).select_from(Slot)) or 1
+        if slots:
+            s.execute(insert(Slot), [
+                {"provider_id": doctor, "location_id": location, "start": start, "end": start + timedelta(minutes=5 * n),
+                 "local_weekday": 0, "local_minute": 0, "slot_type": "routine", "capacity": 1, "booked": 0,
+                 "blocked": False} for start, n in slots])
+    for _ in range(5):
+        a, b = sorted([data.draw(minutes), data.draw(minutes)])
+        b += timedelta(minutes=5)
+        with clinic.sessions() as s:
+            found = set(s.scalars(select(Slot.start).where(Slot.provider_id == doctor, *Slot.overlapping(a, b))))
+            every = s.execute(select(Slot.start, Slot.end).where(Slot.provider_id == doctor)).all()
+        assert found == {start for start, end in every if start < b and end > a}
+
+
+def test_the_overlap_query_reads_the_index_from_a_day_before(clinic):
+    with clinic.sessions() as s:
+        if s.get_bind().dialect.name != "sqlite":
+            pytest.skip("the plan read is SQLite's")
+        query = select(Slot.id).where(Slot.provider_id == 1, *Slot.overlapping(utc(2026, 3, 3, 15), utc(2026, 3, 3, 16)))
+        compiled = query.compile(s.get_bind())  # the values do not change the plan
+        plan = " ".join(row[-1] for row in s.connection().exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {compiled.string}", ("1",) * len(compiled.positiontup)))
+    assert "ix_slots_provider_start (provider_id=? AND start>? AND start<?)" in plan, plan
