@@ -146,6 +146,11 @@ class TimeBlock(Base):
     reason: Mapped[str] = mapped_column(String(400), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    __table_args__ = (
+        # bookings and the roll-out look for a calendar's blocks over a time: not the whole table
+        Index("ix_time_blocks_provider_start", "provider_id", "start"),
+        Index("ix_time_blocks_resource_start", "resource_id", "start"),
+    )
 
 
 # --- patients ----------------------------------------------------------------
