@@ -58,6 +58,7 @@ class ApplierProcess:
         self._restart_after = 1.0
         self._process = None
         self._conn = None
+        self._idle = None
 
     # --- parent side -----------------------------------------------------------
 
@@ -74,7 +75,10 @@ class ApplierProcess:
     def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no locks or threads copied by fork
         parent_end, child_end = context.Pipe()
-        self._process = context.Process(target=run_child, args=(self.config, child_end), name="slotengine-applier")
+        # 1 while the child's processor waits for messages: only then is a wake worth sending
+        self._idle = context.RawValue("b", 0)
+        self._process = context.Process(target=run_child, args=(self.config, child_end, self._idle),
+                                        name="slotengine-applier")
         self._process.start()
         child_end.close()
         self._conn = parent_end
@@ -113,7 +117,9 @@ class ApplierProcess:
         while not self._stopping.is_set():
             if self.new_messages.wait(0.5):
                 self.new_messages.clear()
-                self._send("wake", None)
+                if self._idle.value:  # a busy child finds the new messages by itself, untold
+                    self._idle.value = 0
+                    self._send("wake", None)
 
     def _send(self, kind: str, payload: Any) -> None:
         with self._send_lock:
@@ -149,7 +155,7 @@ class ApplierProcess:
 # --- child side ------------------------------------------------------------------
 
 
-def run_child(config, conn) -> None:
+def run_child(config, conn, idle) -> None:
     """The child's main: everything the processor needs, built as the daemon builds it."""
     # The parent decides when to stop (SIGTERM to the whole service reaches us too).
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -162,7 +168,7 @@ def run_child(config, conn) -> None:
     configure_logging(config.logging.level, redaction_key=config.logging.read_redaction_key())
     channel = _Channel(conn)
     try:
-        runtime = _ChildRuntime(config, channel)
+        runtime = _ChildRuntime(config, channel, idle)
     except Exception as exc:  # noqa: BLE001 - told to the parent, which logs and retries
         log.error("applier process could not start", exc_info=True)
         channel.send("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
@@ -185,7 +191,7 @@ class _Channel:
 
 
 class _ChildRuntime:
-    def __init__(self, config, channel: _Channel):
+    def __init__(self, config, channel: _Channel, idle):
         from engine.clock import SystemClock
         from engine.db import make_engine, make_session_factory
         from engine.jobs import make_context
@@ -207,7 +213,7 @@ class _ChildRuntime:
         outbound.notify = mirror_requests.notify = lambda *_args: channel.send("outbound", None)
         self.store = MessageStore(sessions, self.metrics, Inbox.for_database(config.database.url, writer=False))
         self.processor = Processor(scheduler, self.store, feed_policies(config, outbound_settings), self.metrics,
-                                   on_outcomes=lambda outcomes: channel.send("outcomes", outcomes))
+                                   on_outcomes=lambda outcomes: channel.send("outcomes", outcomes), idle=idle)
         self.processor.start()
 
     def serve(self, conn) -> None:

@@ -23,6 +23,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import bindparam, event, func, select, text, update
@@ -51,6 +52,8 @@ CLAIM_ROWS = 16
 DEPTH_EVERY_SECONDS = 1.0
 #: After a batch had to be redone, batches run guarded this long.
 GUARDED_SECONDS = 60.0
+#: How long an idle processor sleeps before it looks for messages nobody woke it for.
+IDLE_POLL_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Processor:
         *,
         batch_size: int = 100,
         on_outcomes: Callable[[list[Outcome]], None] = lambda outcomes: None,
+        idle: Any = None,
     ):
         self.scheduler = scheduler
         self.store = store
@@ -95,6 +99,9 @@ class Processor:
         self._parsed_ahead: dict[int, Message] = {}  # the last claim's messages, by id
         self._writes = 0  # statements other than SELECT run on the engine: did a failed message write?
         self._counting: set = set()  # engines whose statements are counted
+        #: ``value`` 1 while this processor waits for messages (or is about to), shared with what
+        #: wakes it from another process (``hl7.applier``), which sends a wake only then
+        self.idle = idle if idle is not None else SimpleNamespace(value=0)
 
     # --- the worker thread -------------------------------------------------------
 
@@ -135,7 +142,10 @@ class Processor:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if not applied:
-                self.store.new_messages.wait(0.5)
+                if not self.idle.value:
+                    self.idle.value = 1
+                    continue  # look once more: what was stored before the flag went up was not announced
+                self.store.new_messages.wait(IDLE_POLL_SECONDS)
                 self.store.new_messages.clear()
 
     # --- one batch ---------------------------------------------------------------

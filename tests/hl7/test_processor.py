@@ -271,3 +271,37 @@ def test_a_failing_look_ahead_holds_nothing_up(harness, monkeypatch, caplog):
     assert harness.redone == 1
     assert harness.mrns() == {"MRN-1", "MRN-2"}
     assert "look-ahead failed" in caplog.text
+
+
+def test_an_idle_processor_is_told_by_its_flag_and_misses_no_message(harness, monkeypatch):
+    """The applier process's processor raises ``idle`` before it waits; the daemon wakes it
+    only then (``hl7.applier``).  A message stored after the last look but before the flag
+    went up was announced to nobody: the processor looks once more before it sleeps."""
+    from types import SimpleNamespace
+
+    from tests.e2e.test_daemon import wait_until
+
+    monkeypatch.setattr(processor, "IDLE_POLL_SECONDS", 120.0)  # a missed message would wait this long
+    flag = SimpleNamespace(value=0)
+    work = harness.processor
+    work.idle = flag
+    real, looks = work.apply_pending, []
+
+    def apply_pending():
+        done = real()
+        looks.append(done)
+        if len(looks) == 1:  # stored now, while the flag is still down: nobody is told
+            harness.receive(adt_a04("UNTOLD", "MRN-7"))
+            harness.store.new_messages.clear()  # that event is the daemon's, in another process
+        return done
+
+    monkeypatch.setattr(work, "apply_pending", apply_pending)
+    work.start()
+    try:
+        wait_until(lambda: harness.statuses() == [("UNTOLD", APPLIED)] and flag.value == 1, timeout=30)
+        harness.receive(adt_a04("TOLD", "MRN-8"))
+        flag.value = 0  # what the daemon does before it sends the wake
+        harness.store.new_messages.set()
+        wait_until(lambda: ("TOLD", APPLIED) in harness.statuses(), timeout=30)
+    finally:
+        work.stop(5)
