@@ -138,14 +138,23 @@ class LeanHistogram:
 class _LeanChild:
     """Counts kept per thread, each list written by its own thread only: no lock per
     observation.  A reader sums them (an observation may show in a bucket a moment before
-    it shows in the sum, as with ``prometheus_client``, which locks each separately)."""
+    it shows in the sum, as with ``prometheus_client``, which locks each separately).
+    Threads come and go (HTTP requests, job pools): once there are many lists, those of
+    threads that have ended are folded into one."""
 
-    __slots__ = ("_bounds", "_by_thread", "_lock")
+    __slots__ = ("_bounds", "_by_thread", "_ended", "_lock")
+
+    #: lists kept before those of ended threads are folded together
+    FOLD_AT = 32
 
     def __init__(self, bounds: tuple[float, ...]):
         self._bounds = bounds
         self._by_thread: dict[int, list] = {}  # thread id -> bucket counts, +Inf last, then the sum
+        self._ended = self._zeros()
         self._lock = threading.Lock()
+
+    def _zeros(self) -> list:
+        return [0] * (len(self._bounds) + 1) + [0.0]
 
     def observe(self, amount: float) -> None:
         counts = self._by_thread.get(threading.get_ident())
@@ -155,13 +164,17 @@ class _LeanChild:
         counts[-1] += amount
 
     def _own_counts(self) -> list:
-        with self._lock:  # a thread id is reused only once its thread has ended: its counts go on
-            return self._by_thread.setdefault(threading.get_ident(), [0] * (len(self._bounds) + 1) + [0.0])
+        with self._lock:  # a thread id reused by a new thread takes its predecessor's counts on
+            if len(self._by_thread) >= self.FOLD_AT:
+                alive = {thread.ident for thread in threading.enumerate()}
+                for ident in [ident for ident in self._by_thread if ident not in alive]:
+                    self._ended = [a + b for a, b in zip(self._ended, self._by_thread.pop(ident))]
+            return self._by_thread.setdefault(threading.get_ident(), self._zeros())
 
     def read(self) -> tuple[list[int], float]:
         with self._lock:
-            every = [list(counts) for counts in self._by_thread.values()]
-        totals = [sum(column) for column in zip(*every)] if every else [0] * (len(self._bounds) + 1) + [0.0]
+            every = [self._ended, *(list(counts) for counts in self._by_thread.values())]
+        totals = [sum(column) for column in zip(*every)]
         return totals[:-1], float(totals[-1])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -44,3 +45,38 @@ def test_no_observation_is_lost_between_threads():
         thread.join()
     assert registry.get_sample_value("x_seconds_count", {"plugin": "p"}) == 80_000
     assert registry.get_sample_value("x_seconds_bucket", {"plugin": "p", "le": "0.005"}) == 80_000
+
+
+def test_lists_of_ended_threads_are_folded_and_still_counted(monkeypatch):
+    """Thread ids are usually reused once a thread ends; where they are not (each new
+    thread a new id, as simulated here), the lists of ended threads are folded together."""
+    from types import SimpleNamespace
+
+    from engine import metrics
+
+    ids, alive, local = iter(range(1, 10**6)), set(), threading.local()
+
+    def get_ident():
+        if not hasattr(local, "ident"):
+            local.ident = next(ids)
+        return local.ident
+
+    monkeypatch.setattr(metrics, "threading", SimpleNamespace(
+        get_ident=get_ident, Lock=threading.Lock,
+        enumerate=lambda: [SimpleNamespace(ident=ident) for ident in list(alive)]))
+    registry = CollectorRegistry()
+    child = LeanHistogram("x_seconds", "x", ["plugin"], registry=registry).labels("p")
+
+    def request():
+        alive.add(get_ident())
+        for _ in range(3):
+            child.observe(0.2)
+        alive.discard(get_ident())
+
+    for _ in range(200):  # an HTTP server's thread per request
+        thread = threading.Thread(target=request)
+        thread.start()
+        thread.join()
+    assert len(child._by_thread) <= child.FOLD_AT
+    assert registry.get_sample_value("x_seconds_count", {"plugin": "p"}) == 600
+    assert registry.get_sample_value("x_seconds_sum", {"plugin": "p"}) == pytest.approx(120.0)
