@@ -41,7 +41,7 @@ Settings::
 from __future__ import annotations
 
 import logging
-import threading
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from functools import partial
@@ -76,7 +76,9 @@ from engine.states import OCCUPYING
 log = logging.getLogger("slotengine.plugins.waitlist_fill")
 
 NAME = "waitlist_fill"
-#: Set when a transaction planned a ``fill`` task: only then does the after-change sweep look for one.
+#: The changes that planned a ``fill`` task (by id; weakly held): only their after-change sweeps run.
+#: Per change, not one flag: after-change hooks run in a thread of their own, and a flag cleared
+#: for one change could hide the task the next transaction has just planned.
 PLANNED = f"{NAME}.planned"
 #: Changes that free slots (their ``slot_ids``).
 FREEING = ("cancelled", "no_show", "discontinued", "deleted", "hold_expired", "slots_opened", "rescheduled")
@@ -134,7 +136,7 @@ def slotengine_configure(settings: dict[str, Any], context) -> None:
     if parsed.offer_batch < 1:
         raise ValueError("[plugins.waitlist_fill].offer_batch: at least 1")
     context.state[NAME] = parsed
-    context.state[PLANNED] = threading.Event()
+    context.state[PLANNED] = weakref.WeakValueDictionary()
 
 
 # --- noticing freed slots ------------------------------------------------------------------
@@ -154,7 +156,7 @@ def slotengine_schedule_changed(session: Session, change: Change, context) -> No
             return  # nobody to offer it to: no task, and no sweep after the commit
         plan_task(session, plugin=NAME, kind="fill", due_at=now, now=now, appointment_id=change.appointment_id,
                   payload={"slot_ids": list(change.slot_ids), "why": change.kind})
-        context.state[PLANNED].set()  # a rollback leaves it set: the sweep then finds nothing, harmlessly
+        context.state[PLANNED][id(change)] = change  # a rolled-back change is never announced: it goes with it
     elif change.kind in ("change_confirmed", "change_refused", "change_expired") and \
             change.detail.get("requester", {}).get("waitlist_offer_id"):
         _owner_answered(context, session, change, now)
@@ -188,9 +190,7 @@ def _owner_answered(context, session: Session, change: Change, now: datetime) ->
 def slotengine_after_change(change: Change, context) -> None:
     settings = _settings(context)
     if settings is not None and settings.fill_on_change and change.kind in FREEING and change.slot_ids:
-        planned = context.state[PLANNED]
-        if planned.is_set():
-            planned.clear()  # before the sweep: a task planned meanwhile sets it again for its own change
+        if context.state[PLANNED].pop(id(change), None) is change:
             fill_pending(context)
 
 

@@ -79,6 +79,26 @@ def test_a_slot_freed_while_nobody_waits_plans_no_fill_and_runs_no_sweep(clinic,
     assert task.kind == "fill" and task.status == "pending"  # the stubbed sweep left it for the timed one
 
 
+def test_each_change_that_planned_a_fill_gets_its_own_sweep(clinic, slotengine_context, monkeypatch):
+    """After-change hooks run in a thread of their own: the sweep for one change must not
+    swallow the mark of the next, whose transaction planned its task meanwhile."""
+    import plugins.waitlist_fill as waitlist_fill
+    from engine.requests import Change
+
+    wait(clinic, clinic.patient("W1", email="w1@example.org"))
+    sweeps = []
+    monkeypatch.setattr(waitlist_fill, "fill_pending", lambda context: sweeps.append(context))
+    first, second, unplanned = (Change("cancelled", None, "booked", "cancelled", STAFF, slot_ids=(slot,))
+                                for slot in (1, 2, 3))
+    with clinic.scheduler.sessions() as session, session.begin():
+        waitlist_fill.slotengine_schedule_changed(session, first, slotengine_context)
+        waitlist_fill.slotengine_schedule_changed(session, second, slotengine_context)
+    waitlist_fill.slotengine_after_change(first, slotengine_context)
+    waitlist_fill.slotengine_after_change(second, slotengine_context)
+    waitlist_fill.slotengine_after_change(unplanned, slotengine_context)
+    assert len(sweeps) == 2
+
+
 def cancelled_slot_slot(clinic, appointment):
     with clinic.scheduler.sessions() as session:
         return session.scalar(select(Slot.id).where(Slot.provider_id == appointment.provider_id,
