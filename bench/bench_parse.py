@@ -12,7 +12,7 @@ only from messages that have SCH, PID, PV1 and AIS.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import timeit
 from pathlib import Path
 
@@ -110,4 +110,10 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                        help="files of HL7 messages (any segment endings, batches); default: a typical SIU^S12")
+    arguments = parser.parse_args()
+    for missing in [f for f in arguments.files if not f.is_file()]:
+        parser.error(f"{missing}: no such file")
+    main([str(f) for f in arguments.files])
