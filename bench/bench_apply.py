@@ -8,11 +8,14 @@
 No sockets, no daemon: the messages ``bench_ingest`` generates (the demo
 clinic; A04, A08, S12, S13, S15) are stored in the inbox first, then applied
 by the applier process's own ``hl7.processor.Processor``, batch after batch,
-each arm on a fresh SQLite file (synchronous=FULL).  Two arms in one run:
+each arm on a fresh SQLite file (synchronous=FULL).  Two arms in one run, and a floor:
 
 - **all plugins**: every built-in plugin, configured as in the demo, their
   after-commit notices run inline;
-- **baseline, no plugins**: the same messages through the engine alone.
+- **baseline, no plugins**: the same messages through the engine alone;
+- **its SQL alone**: every statement the all-plugins arm ran, with its parameters,
+  commits and rollbacks, replayed on a bare ``sqlite3`` connection against a copy
+  of the database from before it applied: what the database itself costs.
 
 Reports CPU ms and SQL statements per message, messages per second, and the
 ratio; ``--fingerprint FILE`` writes every table of the all-plugins arm (times
@@ -29,6 +32,7 @@ import cProfile
 import json
 import pstats
 import re
+import sqlite3
 import sys
 import tempfile
 import time
@@ -58,7 +62,7 @@ from hl7.store import RECEIVED, Inbox, Incoming, MessageStore, content_hash  # n
 
 
 def run_arm(raws: list[bytes], *, plugins: bool, workdir: Path, profile: bool = False,
-            fingerprint: Path | None = None) -> dict:
+            fingerprint: Path | None = None, floor: bool = False) -> dict:
     config = load_config(DaemonSettings(workdir, f"sqlite:///{workdir}/apply.db", log_level="WARNING").write())
     engine = prepare_database(config.database.url, config.database.pool_size, config.clinic.data)
     sessions = make_session_factory(engine)
@@ -73,10 +77,20 @@ def run_arm(raws: list[bytes], *, plugins: bool, workdir: Path, profile: bool = 
     store = MessageStore(sessions, metrics, Inbox.for_database(config.database.url, writer=False))
     processor = Processor(scheduler, store, feed_policies(config, outbound_settings), metrics)
     statements = [0]
+    recorded: list[tuple] = []  # with ``floor``: every statement and commit, to be replayed
 
     @event.listens_for(engine, "before_cursor_execute")
-    def _count(*_args):
+    def _count(_connection, _cursor, sql, parameters, _context, many):
         statements[0] += 1
+        if floor:
+            recorded.append((sql, parameters, many))
+
+    if floor:
+        event.listen(engine, "commit", lambda _connection: recorded.append(None))
+        event.listen(engine, "rollback", lambda _connection: recorded.append(False))
+        before = workdir / "before-apply.db"
+        with sqlite3.connect(workdir / "apply.db") as source, sqlite3.connect(before) as copy:
+            source.backup(copy)
 
     profiler = cProfile.Profile() if profile else None
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -99,7 +113,34 @@ def run_arm(raws: list[bytes], *, plugins: bool, workdir: Path, profile: bool = 
               "statements": round(statements[0] / len(raws), 1), "counts": counts}
     if profiler:
         result["profile"] = profiler
+    if floor:
+        result["floor"] = replay(before, recorded, len(raws))
     return result
+
+
+def replay(database: Path, recorded: list, messages: int) -> dict:
+    """The database's own share: the statements an arm ran, with their parameters, and its
+    commits and rollbacks, run again in order on a bare ``sqlite3`` connection (same pragmas)
+    against a copy of the database as it stood before the arm applied anything.  What the
+    arm spent beyond this is Python: parsing, mapping, the engine, the ORM, the plugins."""
+    connection = sqlite3.connect(database, isolation_level=None, cached_statements=1024)
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
+        connection.execute(f"PRAGMA {pragma}")
+    cursor = connection.cursor()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for entry in recorded:
+        if entry is None or entry is False:
+            if connection.in_transaction:
+                (connection.commit if entry is None else connection.rollback)()
+        elif entry[2]:
+            cursor.executemany(entry[0], entry[1])
+        else:
+            cursor.execute(entry[0], entry[1])
+            cursor.fetchall()
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    connection.close()
+    return {"seconds": round(seconds, 3), "per_s": round(messages / seconds, 1),
+            "cpu_ms": round(cpu / messages * 1000, 3)}
 
 
 _TIMESTAMP = re.compile(r"20\d\d-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?(\+00:00)?")
@@ -152,7 +193,7 @@ def main() -> int:
         (Path(work) / "all").mkdir()
         baseline = run_arm(raws, plugins=False, workdir=Path(work) / "base")
         measured = run_arm(raws, plugins=True, workdir=Path(work) / "all", profile=args.profile,
-                           fingerprint=args.fingerprint)
+                           fingerprint=args.fingerprint, floor=True)
     print(f"\nslotengine apply bench: {count:,} of bench_ingest's messages through the processor, "
           f"SQLite synchronous=FULL, in-process")
     print(machine_line(info))
@@ -160,10 +201,15 @@ def main() -> int:
     print(f"source: commit {revision['commit']}{' (uncommitted changes)' if revision['dirty'] else ''}")
     rows = [[name, f"{arm['per_s']:,.1f}", f"{arm['cpu_ms']:.2f}", f"{arm['statements']:.1f}", str(arm["failed"])]
             for name, arm in (("all built-in plugins", measured), ("baseline: no plugins", baseline))]
+    floor = measured.pop("floor")
+    rows.append(["its SQL alone, bare sqlite3", f"{floor['per_s']:,.1f}", f"{floor['cpu_ms']:.2f}",
+                 f"{measured['statements']:.1f}", "-"])
     print()
     print_table(["arm", "msg/s", "CPU ms/msg", "statements/msg", "failed"], rows)
     ratio = round(measured["cpu_ms"] / baseline["cpu_ms"], 2)
     print(f"\nplugins / no plugins: CPU per message x{ratio}; rows written (all plugins): {measured['counts']}")
+    print(f"all plugins / its SQL alone: CPU per message x{measured['cpu_ms'] / floor['cpu_ms']:.1f} "
+          f"(the rest is Python: parsing, mapping, engine, ORM, plugins)")
     if args.fingerprint:
         print(f"tables written to {args.fingerprint} (compare two commits with cmp)")
     profiler = measured.pop("profile", None)
@@ -171,7 +217,8 @@ def main() -> int:
         print()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"slotengine|/engine/|/hl7/|/plugins/", 40)
     print("BENCH " + json.dumps({"bench": "apply", "machine": info, "source": revision, "messages": count,
-                                 "all_plugins": measured, "baseline": baseline, "cpu_ratio": ratio}, sort_keys=True))
+                                 "all_plugins": measured, "baseline": baseline, "cpu_ratio": ratio,
+                                 "sql_alone": floor}, sort_keys=True))
     return 0 if not (measured["failed"] or baseline["failed"]) else 1
 
 
