@@ -25,6 +25,7 @@ from sqlalchemy import (
     Time,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -351,7 +352,11 @@ class InboundMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     processed_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
     __table_args__ = (
-        UniqueConstraint("sender", "control_id"),
+        Index("ix_inbound_messages_sender_control_id", "sender", "control_id"),
+        # A refused message is kept for the record but holds no key: its resend, once the
+        # cause is fixed, is stored and applied (hl7.store).
+        Index("uq_inbound_messages_accepted_key", "sender", "control_id", unique=True,
+              sqlite_where=text("status != 'refused'"), postgresql_where=text("status != 'refused'")),
         Index("ix_inbound_messages_sender_status_id", "sender", "status", "id"),
     )
 

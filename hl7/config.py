@@ -298,7 +298,7 @@ class FeedConfig:
 
     def allows_sender(self, application: str, facility: str) -> bool:
         """Whether a message from MSH-3 ``application`` and MSH-4 ``facility``
-        (their first components) passes ``allowed_senders``."""
+        (their namespace ids, else universal ids) passes ``allowed_senders``."""
         if not self.allowed_senders:
             return True
         return (

@@ -250,7 +250,7 @@ class Listener:
             sender, control_id, kind = (text.replace("\x00", "\ufffd") for text in (sender, control_id, kind))
         log.debug("message received", extra={"feed": feed.name, "control_id": control_id,
                                              "message_type": kind, "bytes": len(raw)})
-        if not problems and not feed.allows_sender(message.sending_application, message.sending_facility):
+        if not problems and not feed.allows_sender(_hd_name(message, 3), _hd_name(message, 4)):
             problems = [ErrorDetail("MSH", 1, 3, 0, "207", "E",
                                     f"sending application/facility {sender} is not allowed on feed {feed.name}")]
         if not problems and feed.validate:
@@ -262,7 +262,7 @@ class Listener:
                 if control_id:
                     await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw,
                                                REFUSED, ack), quiet=True)
-                return self._acknowledged(ack, rejection, started)
+                return self._acknowledged(message, ack, rejection, started)
         status = RECEIVED
         # A placer's request (SRM, SQM) is answered with the response message, not an ACK.
         answered = bool(not problems and feed.mode == "filler"
@@ -281,7 +281,7 @@ class Listener:
             if control_id:  # keep refused messages for the record; without MSH-10 there is no key
                 await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw, REFUSED, ack),
                                   quiet=True)
-            return self._acknowledged(ack, "CR" if enhanced else "AR", started)
+            return self._acknowledged(message, ack, "CR" if enhanced else "AR", started)
         immediate = (feed.ack_when == "stored" and not answered) or enhanced or status == SKIPPED
         code = ("CA" if enhanced else "AA")
         ack = build_ack(message, code, [], control_id=new_control_id(), now=now) if immediate else None
@@ -295,7 +295,7 @@ class Listener:
         except StorageUnavailable as exc:
             detail = ErrorDetail("MSH", 1, 10, 0, "207", "E", f"message not stored ({exc}); resend later")
             nak = build_ack(message, "CR" if enhanced else "AR", [detail], control_id=new_control_id(), now=now)
-            return self._acknowledged(nak, "CR" if enhanced else "AR", started)
+            return self._acknowledged(message, nak, "CR" if enhanced else "AR", started)
         if stored.reused_control_id:
             log.warning("control id reused for a different message; refused",
                         extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})
@@ -303,20 +303,20 @@ class Listener:
                                  f"control id {control_id} was already used by {sender} for a different message "
                                  f"(stored as {stored.message_id}); give this message its own MSH-10")
             nak = build_ack(message, "CR" if enhanced else "AR", [detail], control_id=new_control_id(), now=now)
-            return self._acknowledged(nak, "CR" if enhanced else "AR", started)
+            return self._acknowledged(message, nak, "CR" if enhanced else "AR", started)
         if stored.duplicate:
             log.info("duplicate message; original acknowledgement resent",
                      extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})
         if enhanced:
-            # MLLP release 2: the commit acknowledgement is always sent, whatever
-            # MSH-15 says, because the sender blocks until it arrives; MSH-16
-            # decides whether the application acknowledgement follows.
+            # MSH-15 decides whether the commit acknowledgement is sent (``_acknowledged``),
+            # MSH-16 whether the application acknowledgement follows on this connection
             self._schedule_application_ack(message, stored.message_id, writer, write_lock)
         if stored.ack is not None:
-            return self._acknowledged(stored.ack, code if stored.ack is ack else _code_of(stored.ack, code), started)
+            return self._acknowledged(message, stored.ack,
+                                      code if stored.ack is ack else _code_of(stored.ack, code), started)
         # ack_when = "applied": answer once the processor has decided.
         ack = await self._application_ack(stored.message_id)
-        return self._acknowledged(ack, _code_of(ack, "AA"), started)
+        return self._acknowledged(message, ack, _code_of(ack, "AA"), started)
 
     def _count_message(self, now: datetime) -> None:
         self._last_message_at = now
@@ -326,10 +326,15 @@ class Listener:
         else:
             self._per_minute.append([minute, 1])
 
-    def _acknowledged(self, ack: Optional[bytes], code: str, started: float) -> Optional[bytes]:
+    def _acknowledged(self, message: Optional[Message], ack: Optional[bytes], code: str,
+                      started: float) -> Optional[bytes]:
+        """``ack``, counted; None (nothing sent) when the sender's MSH-15 asked for no such
+        commit acknowledgement."""
         self._ack_codes[code] += 1
         self._acked_count(code).inc()
         self._ack_timer.observe(time.perf_counter() - started)
+        if code in ("CA", "CE", "CR") and message is not None and not _wanted(message.accept_ack_type, code == "CA"):
+            return None
         return ack
 
     def _acked_count(self, code: str):
@@ -364,15 +369,14 @@ class Listener:
                 return outcome.reply
 
     def _schedule_application_ack(self, message: Message, message_id: int, writer, write_lock) -> None:
-        wanted = message.application_ack_type.upper() or "AL"
-        if wanted == "NE":
+        wanted = message.application_ack_type
+        if wanted.upper() == "NE":
             return
 
         async def send_later():
             try:
                 ack = await self._application_ack(message_id)
-                code = _code_of(ack, "AA")
-                if wanted == "AL" or (wanted == "ER" and code != "AA") or (wanted == "SU" and code == "AA"):
+                if _wanted(wanted, _code_of(ack, "AA") == "AA"):
                     await self._send(writer, write_lock, ack)
             except Exception:  # noqa: BLE001 - the ACK is stored; the peer may be gone
                 log.info("application acknowledgement not delivered",
@@ -381,6 +385,20 @@ class Listener:
         task = asyncio.get_running_loop().create_task(send_later())
         self.connections.add(task)
         task.add_done_callback(self.connections.discard)
+
+
+def _wanted(condition: str, success: bool) -> bool:
+    """Whether an acknowledgement is sent under MSH-15 or MSH-16 (table 0155): AL always
+    (and empty: the other field made the message enhanced-mode), NE never, ER on an error
+    or rejection only, SU on success only."""
+    condition = condition.upper()
+    return condition in ("", "AL") or (condition == "ER" and not success) or (condition == "SU" and success)
+
+
+def _hd_name(message: Message, field_: int) -> str:
+    """MSH-3 or MSH-4 as ``allowed_senders`` names it: the HD's namespace id, else (a sender
+    that gives only an OID) its universal id."""
+    return message.msh.value(field_, 1).strip() or message.msh.value(field_, 2).strip()
 
 
 def _type_of(message: Optional[Message]) -> str:

@@ -7,8 +7,11 @@ A positive acknowledgement is therefore never sent for a message that is not
 on disk; if the commit fails, every waiter in that batch gets the exception
 and its sender a negative answer.
 
-(MSH-3, MSH-4, MSH-10) is unique: a resend gets the acknowledgement stored
-with the original and is not stored or applied again.
+(MSH-3, MSH-4, MSH-10) is unique among accepted messages: a resend gets the
+acknowledgement stored with the original and is not stored or applied again.
+A refused message is kept for the record but holds no key: once its cause is
+fixed (the sender allowed, the type accepted), the sender's resend is stored
+and applied, under a new id, in its place in the order of arrival.
 
 On SQLite, receipts are committed to an ``Inbox``: a file of its own beside
 the database (``<database>-inbox``).  SQLite has a single writer per file, and
@@ -98,14 +101,18 @@ class StorageUnavailable(Exception):
     """The message could not be committed; the sender must get no positive ACK."""
 
 
-_INBOX_SCHEMA = """
+_INBOX_TABLE = """
 CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY,
     feed TEXT NOT NULL, sender TEXT NOT NULL, control_id TEXT NOT NULL, message_type TEXT NOT NULL,
     peer TEXT NOT NULL, received_at TEXT NOT NULL, raw BLOB NOT NULL, content_hash TEXT NOT NULL,
-    status TEXT NOT NULL, ack BLOB, application_ack BLOB,
-    UNIQUE (sender, control_id)
-);
+    status TEXT NOT NULL, ack BLOB, application_ack BLOB
+)"""
+# as inbound_messages: looked up by key, and the key unique among accepted messages
+_INBOX_SCHEMA = f"""
+{_INBOX_TABLE};
+CREATE INDEX IF NOT EXISTS inbox_key ON inbox (sender, control_id);
+CREATE UNIQUE INDEX IF NOT EXISTS inbox_accepted_key ON inbox (sender, control_id) WHERE status != '{REFUSED}';
 CREATE TABLE IF NOT EXISTS inbox_sequence (last_id INTEGER NOT NULL);
 """
 _INBOX_COLUMNS = ("id", "feed", "sender", "control_id", "message_type", "peer", "received_at", "raw",
@@ -148,6 +155,8 @@ class Inbox:
         if not writer:
             self._db.execute("PRAGMA query_only=1")
             return
+        with self._writing() as db:
+            _upgrade_inbox(db)
         self._db.executescript(_INBOX_SCHEMA)
         with self._writing() as db:
             stored = db.execute("SELECT max(id) FROM inbox").fetchone()[0] or 0
@@ -211,7 +220,7 @@ class Inbox:
             rows = []
             for item in items:
                 key = (item.sender, item.control_id)
-                if key in known:
+                if key in known and not (known[key][1] == REFUSED and item.status != REFUSED):
                     message_id, status, ack, digest = known[key]
                     reused = bool(digest) and digest != item.content_hash
                     results.append(Stored(message_id, True, status, ack, reused_control_id=reused))
@@ -280,8 +289,21 @@ def _as_message(row: tuple) -> dict[str, Any]:
     return values
 
 
+def _upgrade_inbox(db: sqlite3.Connection) -> None:
+    """An inbox written before refused messages stopped holding their key had the key
+    UNIQUE in its table: rebuilt without (it holds only what is not yet moved)."""
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'inbox'").fetchone()
+    if row is None or "UNIQUE" not in row[0]:
+        return
+    db.execute("ALTER TABLE inbox RENAME TO inbox_before")
+    db.execute(_INBOX_TABLE)
+    db.execute("INSERT INTO inbox SELECT * FROM inbox_before")
+    db.execute("DROP TABLE inbox_before")
+
+
 def _rows_by_key(db: sqlite3.Connection, table: str, keys: list[tuple[str, str]]) -> dict:
-    found = {}
+    """The stored message of each key: the accepted one, else a refused one."""
+    found: dict[tuple[str, str], tuple] = {}
     for start in range(0, len(keys), _KEYS_PER_QUERY):
         chunk = keys[start:start + _KEYS_PER_QUERY]
         values = ", ".join("(?, ?)" for _ in chunk)
@@ -292,7 +314,8 @@ def _rows_by_key(db: sqlite3.Connection, table: str, keys: list[tuple[str, str]]
                 f"SELECT t.id, t.sender, t.control_id, t.status, t.ack, t.content_hash "
                 f"FROM wanted JOIN {table} AS t ON t.sender = wanted.sender AND t.control_id = wanted.control_id",
                 params):
-            found[(sender, control_id)] = (message_id, status, ack, digest)
+            if found.get((sender, control_id), (0, REFUSED))[1] == REFUSED:
+                found[(sender, control_id)] = (message_id, status, ack, digest)
     return found
 
 
@@ -321,18 +344,17 @@ class MessageStore:
         results: list[Optional[Stored]] = [None] * len(items)
         with self.sessions() as session, session.begin():
             keys = list({(i.sender, i.control_id) for i in items})
-            existing = {
-                (row.sender, row.control_id): row
-                for row in session.execute(
+            existing: dict[tuple[str, str], Any] = {}  # the accepted message of each key, else a refused one
+            for row in session.execute(
                     select(InboundMessage.id, InboundMessage.sender, InboundMessage.control_id,
                            InboundMessage.status, InboundMessage.ack, InboundMessage.content_hash)
-                    .where(tuple_(InboundMessage.sender, InboundMessage.control_id).in_(keys))
-                )
-            } if keys else {}
+                    .where(tuple_(InboundMessage.sender, InboundMessage.control_id).in_(keys))) if keys else ():
+                if (held := existing.get((row.sender, row.control_id))) is None or held.status == REFUSED:
+                    existing[(row.sender, row.control_id)] = row
             fresh: dict[tuple[str, str], InboundMessage] = {}
             for index, item in enumerate(items):
                 key = (item.sender, item.control_id)
-                if key in existing:
+                if key in existing and not (existing[key].status == REFUSED and item.status != REFUSED):
                     row = existing[key]
                     reused = bool(row.content_hash) and row.content_hash != item.content_hash
                     results[index] = Stored(row.id, True, row.status, row.ack, reused_control_id=reused)

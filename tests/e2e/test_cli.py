@@ -178,3 +178,49 @@ def test_messages_still_in_the_inbox_are_listed_and_applied_at_the_next_start(tm
     assert db_rows(db, "select id, status from inbound_messages where control_id='IN1'") == [
         (stored.message_id, "applied")]
     assert db_rows(db, "select count(*) from appointments where placer_id like 'PIN1%'") == [(1,)]
+
+
+def test_send_follows_msh15_and_msh16_and_reports_every_message(tmp_path):
+    """Each message's acknowledgements as MSH-15/16 ask, read without losing step with the
+    next message; LF files sent with CR endings; refusals and a silent peer fail loudly."""
+    db = tmp_path / "send.db"
+    config = DaemonConfig(tmp_path, f"sqlite:///{db}", feeds=[{"name": "ehr", "mode": "mirror",
+                                                                 "unknown_types": "reject"}])
+    daemon = DaemonProcess(config).start()
+    try:
+        asks = {"E1": "|||AL|AL", "E2": "|||NE|AL", "E3": "|||AL|NE", "E4": "|||NE|NE", "E5": "|||ER|ER",
+                "E6": "|||SU|SU", "E7": ""}
+        messages = tmp_path / "enhanced.hl7"
+        messages.write_bytes(b"\n".join(siu(cid, "P" + cid, mrn="S" + cid, enhanced=ask).replace(b"\r", b"\n")
+                                        for cid, ask in asks.items()))
+        sent = slotengine("send", "--port", str(daemon.port("ehr")), "--json", str(messages))
+        lines = [json.loads(line) for line in sent.stdout.splitlines()]
+        assert [(line["control_id"], line["code"], line["ok"]) for line in lines] == [
+            ("E1", "CA+AA", True), ("E2", "AA", True), ("E3", "CA", True), ("E4", "-", True), ("E5", "-", True),
+            ("E6", "CA+AA", True), ("E7", "AA", True)]
+        wait_until(lambda: len(db_rows(db, "select 1 from inbound_messages where status='applied'")) == 7)
+        assert not db_rows(db, "select id from inbound_messages where instr(raw, x'0a') > 0")  # CR endings
+
+        refused = tmp_path / "refused.hl7"
+        orm = "MSH|^~\\&|EPIC|NORTHCLINIC|SE|SE|20260302080000||ORM^O01|{cid}|P|2.5.1{ask}\rPID|1||X1^^^N^MR\r"
+        refused.write_bytes("\r".join(orm.format(cid=cid, ask=ask) for cid, ask in (
+            ("R1", ""), ("R2", "|||ER|ER"), ("R3", "|||SU|AL"))).encode())
+        answered = slotengine("send", "--port", str(daemon.port("ehr")), "--timeout", "3", str(refused), check=False)
+        assert answered.returncode == 1
+        assert [line.split()[:4] for line in answered.stdout.splitlines()] == [
+            ["FAIL", f"{refused}#1", "R1", "AR"], ["FAIL", f"{refused}#2", "R2", "CR"],
+            # SU: no commit acknowledgement for a refusal, and nothing stored to apply: the wait times out
+            ["FAIL", f"{refused}#3", "R3", "timeout"]]
+    finally:
+        daemon.stop()
+
+    import socket  # a peer that takes the message and never answers
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        silent = tmp_path / "two.hl7"
+        silent.write_bytes(siu("T1", "PT1") + siu("T2", "PT2"))
+        quiet = slotengine("send", "--port", str(server.getsockname()[1]), "--timeout", "1", str(silent),
+                           check=False)
+    assert quiet.returncode == 1
+    assert [line.split()[:4] for line in quiet.stdout.splitlines()] == [
+        ["FAIL", f"{silent}#1", "T1", "timeout"], ["FAIL", f"{silent}#2", "-", "not-sent"]]

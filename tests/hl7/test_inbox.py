@@ -18,7 +18,7 @@ from engine.db import make_session_factory
 from engine.metrics import Metrics
 from engine.models import InboundMessage
 from hl7.daemon import prepare_database
-from hl7.store import RECEIVED, SKIPPED, Inbox, Incoming, MessageStore, content_hash, inbox_path
+from hl7.store import RECEIVED, REFUSED, SKIPPED, Inbox, Incoming, MessageStore, content_hash, inbox_path
 
 UTC = timezone.utc
 
@@ -113,6 +113,49 @@ def test_a_reused_control_id_is_told_apart_from_a_resend(database):
     move_all(store)
     assert store.store_batch([incoming("C1", body="B")])[0].reused_control_id  # in the database
     assert not store.store_batch([incoming("C1", body="A")])[0].reused_control_id
+
+
+def test_a_refused_message_holds_no_key(database):
+    """Refused (say, its sender not yet allowed), then resent once that is fixed: stored
+    under a new id and answered with its own ACK, the refusal kept, once, for the record."""
+    path, engine = database
+    store = open_store(path, engine)
+    refused = store.store_batch([incoming("C1", status=REFUSED)])[0]
+    assert store.store_batch([incoming("C1", status=REFUSED)])[0].message_id == refused.message_id  # kept once
+    taken = store.store_batch([incoming("C1")])[0]  # the refusal still in the inbox
+    assert (taken.duplicate, taken.status) == (False, RECEIVED) and taken.message_id > refused.message_id
+    assert store.store_batch([incoming("C1")])[0].message_id == taken.message_id  # a resend of the accepted one
+    store.store_batch([incoming("C2", status=REFUSED)])
+    move_all(store)
+    later = store.store_batch([incoming("C2")])[0]  # the refusal already moved into the database
+    assert (later.duplicate, later.status) == (False, RECEIVED)
+    move_all(store)
+    assert [row[1:3] for row in database_rows(store)] == [
+        ("C1", REFUSED), ("C1", RECEIVED), ("C2", REFUSED), ("C2", RECEIVED)]
+    assert store.store_batch([incoming("C2", status=REFUSED)])[0].message_id == later.message_id
+
+
+def test_an_inbox_from_before_is_rebuilt_with_its_rows(database):
+    """Inboxes written before refused messages stopped holding their key had the key
+    UNIQUE in the table: the rows still waiting there are kept, and move."""
+    path, engine = database
+    with sqlite3.connect(inbox_path(path)) as old:
+        old.executescript("""
+            CREATE TABLE inbox (id INTEGER PRIMARY KEY, feed TEXT NOT NULL, sender TEXT NOT NULL,
+                control_id TEXT NOT NULL, message_type TEXT NOT NULL, peer TEXT NOT NULL, received_at TEXT NOT NULL,
+                raw BLOB NOT NULL, content_hash TEXT NOT NULL, status TEXT NOT NULL, ack BLOB, application_ack BLOB,
+                UNIQUE (sender, control_id));
+            CREATE TABLE inbox_sequence (last_id INTEGER NOT NULL);
+            INSERT INTO inbox_sequence VALUES (1);""")
+        waiting = incoming("C1", status=REFUSED)
+        old.execute("INSERT INTO inbox VALUES (1, 'ehr', ?, 'C1', 'ADT^A08', 'peer', ?, ?, '', ?, ?, NULL)",
+                    (waiting.sender, waiting.received_at.isoformat(), waiting.raw, REFUSED, waiting.ack))
+    store = open_store(path, engine)
+    assert store.store_batch([incoming("C1")])[0].message_id == 2
+    move_all(store)
+    assert [row[:3] for row in database_rows(store)] == [(1, "C1", REFUSED), (2, "C1", RECEIVED)]
+    with sqlite3.connect(inbox_path(path)) as rebuilt:
+        assert "UNIQUE" not in rebuilt.execute("SELECT sql FROM sqlite_master WHERE name = 'inbox'").fetchone()[0]
 
 
 def test_a_crash_right_after_a_move_loses_and_doubles_nothing(database):
