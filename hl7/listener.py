@@ -193,19 +193,34 @@ class Listener:
     async def _serve(self, reader, writer, peer: str) -> None:
         decoder = MLLPDecoder(self.feed.max_message_bytes)
         write_lock = asyncio.Lock()
+        limit = self.feed.idle_timeout_seconds
+        frame_started = None  # a frame must arrive whole within ``limit``: a trickle holds no buffer for good
         while self.accepting or decoder.has_partial:
-            async with asyncio.timeout(self.feed.idle_timeout_seconds):
-                data = await reader.read(READ_CHUNK)
+            left = limit if frame_started is None else frame_started + limit - time.monotonic()
+            try:
+                async with asyncio.timeout(max(left, 0)):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                if frame_started is not None:
+                    log.warning("connection closed: a frame not completed within idle_timeout_seconds",
+                                extra={"feed": self.feed.name, "peer": peer, "bytes": decoder.buffered_bytes})
+                raise
             if not data:
                 return
             discarded = decoder.discarded_bytes
+            ended = False  # a frame ended in this read: a partial one now is a new frame
             for item in decoder.feed(data):
+                ended = True
                 if isinstance(item, Oversize):
                     await self._send(writer, write_lock, self._refuse_oversize(item))
                     continue
                 reply = await self._receive(item, peer, writer, write_lock)
                 if reply is not None:
                     await self._send(writer, write_lock, reply)
+            if not decoder.has_partial:
+                frame_started = None
+            elif ended or frame_started is None:
+                frame_started = time.monotonic()
             if decoder.discarded_bytes != discarded:
                 log.warning("bytes outside an MLLP frame discarded",
                             extra={"feed": self.feed.name, "peer": peer,

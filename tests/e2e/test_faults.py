@@ -1,6 +1,7 @@
 """Faults: a full disk, hostile peers, a database that goes away."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -108,12 +109,15 @@ def test_hostile_peers_do_not_hurt_others(tmp_path):
         port = daemon.port("ehr")
         stop = threading.Event()
 
-        def trickle():  # one byte a second
+        def trickle():  # one byte a second, until the daemon gives up on the frame
             with socket.create_connection(("127.0.0.1", port)) as sock:
                 for byte in b"\x0bMSH|^~\\&|SLOW":
                     if stop.is_set():
                         return
-                    sock.sendall(bytes([byte]))
+                    try:
+                        sock.sendall(bytes([byte]))
+                    except OSError:
+                        return
                     time.sleep(1)
 
         def never_reads():  # sends and sends, never reads an ACK
@@ -272,3 +276,60 @@ def test_nul_characters_neither_lose_nor_block_messages(tmp_path, any_database_u
     finally:
         engine.dispose()
         daemon.stop()
+
+
+def test_listener_controls_close_what_they_should(tmp_path):
+    """Idle connections and frames that never end are closed after idle_timeout_seconds (a
+    trickle that is never idle included); a peer outside allowed_peers is dropped unanswered;
+    bytes outside a frame are discarded and logged, and the frame after them is answered."""
+    daemon = DaemonProcess(DaemonConfig(
+        tmp_path, f"sqlite:///{tmp_path / 'controls.db'}", clinic=False,
+        feeds=[{"name": "ehr", "mode": "mirror", "idle_timeout_seconds": 2},
+               {"name": "walled", "mode": "mirror", "allowed_peers": ["192.0.2.0/24"]}],
+    )).start()
+    try:
+        port = daemon.port("ehr")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            started = time.monotonic()
+            assert idle.recv(1024) == b""  # closed by the daemon
+            assert 1.5 < time.monotonic() - started < 6
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as trickle:
+            started = time.monotonic()
+            closed_after = None
+            for byte in b"\x0bMSH|^~\\&|SLOW|SLOW|SE|SE|20260101||ADT^A08|T1|P|2.5.1":
+                try:
+                    trickle.sendall(bytes([byte]))
+                except OSError:
+                    closed_after = time.monotonic() - started
+                    break
+                time.sleep(0.5)  # never idle for 2 s
+            assert closed_after is not None and closed_after < 6, "a trickled frame held the connection open"
+
+        with socket.create_connection(("127.0.0.1", daemon.port("walled")), timeout=10) as outsider:
+            outsider.sendall(b"\x0b" + siu("W1", "PW1") + b"\x1c\r")
+            try:
+                assert outsider.recv(1024) == b""  # dropped, unanswered
+            except ConnectionResetError:
+                pass  # dropped with the message unread: the same
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sloppy:
+            sloppy.sendall(b"noise before the frame\r\n" + b"\x0b" + siu("G1", "PG1") + b"\x1c\r")
+            assert b"MSA|AA|G1" in sloppy.recv(65536)
+
+        def logged():
+            events = {entry["event"]: entry for entry in map(json.loads, daemon.logs().splitlines())}
+            return events if "bytes outside an MLLP frame discarded" in events else None
+
+        messages = wait_until(logged, timeout=10)
+        assert "connection closed: a frame not completed within idle_timeout_seconds" in messages
+        assert messages["connection refused: peer not in allowed_peers"]["feed"] == "walled"
+        assert messages["bytes outside an MLLP frame discarded"]["bytes"] == len(b"noise before the frame\r\n")
+        assert "W1" not in _rows_text(tmp_path / "controls.db")
+    finally:
+        daemon.stop()
+
+
+def _rows_text(path: Path) -> str:
+    with sqlite3.connect(path) as db:
+        return " ".join(row[0] for row in db.execute("select control_id from inbound_messages"))
