@@ -219,6 +219,35 @@ def _salvage_header(raw: bytes) -> _InboundHeader:
     )
 
 
+def build_batch_ack(inbound: bytes, acks: list[bytes], *, control_id: str, now: datetime) -> bytes:
+    """The reply to a batch of several messages: their acknowledgements in order, in a
+    BHS/BTS envelope, and FHS/FTS when the batch came in one.  Each envelope header is
+    the inbound one with sender and receiver swapped, our time and ``control_id`` in
+    BHS-11 (FHS-11), and the inbound BHS-11 (FHS-11) echoed in BHS-12 (FHS-12)."""
+    lines = [line.strip() for line in re.split(rb"\r\n|\r|\n", inbound)]
+    timestamp = hl7_timestamp(now).encode()
+
+    def header(name: bytes) -> bytes | None:
+        line = next((line for line in lines if line.startswith(name) and len(line) > 3), None)
+        if line is None:
+            return None
+        separator = line[3:4]
+        fields = line.split(separator)  # fields[n - 1] is field n, from field 2 on
+
+        def field(n: int) -> bytes:
+            return fields[n - 1] if n - 1 < len(fields) else b""
+        return separator.join([name, field(2), field(5), field(6), field(3), field(4), timestamp,
+                               b"", b"", b"", control_id.encode(), field(11)])
+
+    batch = header(b"BHS") or b"BHS|^~\\&|||||" + timestamp + b"||||" + control_id.encode()
+    separator = batch[3:4]
+    segments = [batch, *(ack.strip(b"\r") for ack in acks), b"BTS" + separator + str(len(acks)).encode()]
+    file_header = header(b"FHS")
+    if file_header is not None:
+        segments = [file_header, *segments, b"FTS" + file_header[3:4] + b"1"]
+    return b"\r".join(segments) + b"\r"
+
+
 def new_control_id() -> str:
     """A fresh MSH-10 for a message we originate (ACKs, replies, outbound): 20 hex
     digits, 80 random bits."""

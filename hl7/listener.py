@@ -19,12 +19,12 @@ from typing import Any, Optional
 
 from engine.clock import Clock
 from engine.metrics import Metrics
-from hl7.ack import ErrorDetail, build_ack, new_control_id
+from hl7.ack import ErrorDetail, build_ack, build_batch_ack, new_control_id
 from hl7.config import FeedConfig
 from hl7.filler import is_filler_request
 from hl7.framing import MLLPDecoder, Oversize, frame
 from hl7.mapping import is_supported
-from hl7.message import HL7ParseError, Message, check_header, parse
+from hl7.message import HL7ParseError, Message, check_header, parse, split_messages
 from hl7.store import (
     RECEIVED,
     REFUSED,
@@ -214,7 +214,11 @@ class Listener:
                 if isinstance(item, Oversize):
                     await self._send(writer, write_lock, self._refuse_oversize(item))
                     continue
-                reply = await self._receive(item, peer, writer, write_lock)
+                if _is_batch(item) and len(batch := split_messages(item)) > 1:
+                    acks = [ack for raw in batch if (ack := await self._receive(raw, peer, writer, write_lock))]
+                    reply = build_batch_ack(item, acks, control_id=new_control_id(), now=self.clock.now())
+                else:
+                    reply = await self._receive(item, peer, writer, write_lock)
                 if reply is not None:
                     await self._send(writer, write_lock, reply)
             if not decoder.has_partial:
@@ -400,6 +404,13 @@ class Listener:
         task = asyncio.get_running_loop().create_task(send_later())
         self.connections.add(task)
         task.add_done_callback(self.connections.discard)
+
+
+def _is_batch(raw: bytes) -> bool:
+    """Whether a frame holds a batch (FHS or BHS first): its messages are taken one by one,
+    and answered together (``build_batch_ack``).  Several messages without an envelope stay
+    an error (a second MSH): the sender framed them wrong."""
+    return raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:3] in (b"FHS", b"BHS")
 
 
 def _wanted(condition: str, success: bool) -> bool:

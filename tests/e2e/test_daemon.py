@@ -225,3 +225,28 @@ def test_validating_feed_refuses_what_hl7apy_refuses(tmp_path, corpus_dir):
         client.close()
     finally:
         daemon.stop()
+
+
+def test_a_batch_in_one_frame_is_answered_with_a_batch(daemon, sqlite_path):
+    """FHS/BHS with several messages in one frame: each stored (or refused) on its own,
+    the acknowledgements returned in order in the batch's own envelope."""
+    refused = siu("B2", "PB2").replace(b"SIU^S12^SIU_S12", b"")  # no MSH-9
+    batch = (b"FHS|^~\\&|EPIC|NORTHCLINIC|SLOTENGINE|SE|20260302080000||||FILE7\r"
+             b"BHS|^~\\&|EPIC|NORTHCLINIC|SLOTENGINE|SE|20260302080000||||BATCH7\r"
+             + siu("B1", "PB1", mrn="BAT1") + refused + siu("B3", "PB3", mrn="BAT3")
+             + b"BTS|3\rFTS|1\r")
+    client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=10)
+    try:
+        reply = client.send(batch)
+    finally:
+        client.close()
+    segments = [segment.split(b"|") for segment in reply.strip(b"\r").split(b"\r")]
+    assert [s[0] for s in segments] == [b"FHS", b"BHS", b"MSH", b"MSA", b"MSH", b"MSA", b"ERR", b"MSH", b"MSA",
+                                        b"BTS", b"FTS"]
+    fhs, bhs = segments[0], segments[1]
+    assert (fhs[2:6], fhs[11]) == ([b"SLOTENGINE", b"SE", b"EPIC", b"NORTHCLINIC"], b"FILE7")  # swapped, echoed
+    assert (bhs[2:6], bhs[11]) == ([b"SLOTENGINE", b"SE", b"EPIC", b"NORTHCLINIC"], b"BATCH7")
+    assert [s[1:3] for s in segments if s[0] == b"MSA"] == [[b"AA", b"B1"], [b"AR", b"B2"], [b"AA", b"B3"]]
+    assert segments[6][2].startswith(b"MSH^1^9") and segments[-2:] == [[b"BTS", b"3"], [b"FTS", b"1"]]
+    assert stored_control_ids(sqlite_path, "B1") and stored_control_ids(sqlite_path, "B3")
+    wait_until(lambda: db_rows(sqlite_path, "select 1 from appointments where placer_id = 'PB3^EPIC'"), timeout=30)

@@ -10,7 +10,7 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import get_message_info, parse_message, parse_segments
 
-from hl7.ack import Raw, Repeat, build_ack, build_message, hl7_timestamp
+from hl7.ack import Raw, Repeat, build_ack, build_batch_ack, build_message, hl7_timestamp
 from hl7.message import NULL, Delimiters, ErrorDetail, HL7ParseError, check_header, parse
 
 CORPUS = Path(
@@ -260,3 +260,16 @@ def _why_hl7apy_cannot_be_strict(name: str, msg) -> str | None:
     if msg.version in ("2.2", "2.3"):
         return "before v2.3.1 MSH-9 has no structure and hl7apy looks for ACK_<trigger>"
     return None
+
+
+def test_batch_ack_without_a_file_envelope_or_acknowledgements():
+    """A BHS batch without FHS gets BHS/BTS only; messages that asked for no
+    acknowledgement leave an empty batch, its count zero; custom delimiters kept."""
+    moment = datetime(2026, 3, 2, 8, 0, tzinfo=timezone.utc)
+    inbound = b"BHS#^~\\&#LAB#WEST#SE#SE#20260302080000####B9\nMSH#^~\\&#LAB#WEST#SE#SE#1##ADT^A08#M1#P#2.5.1\n"
+    reply = build_batch_ack(inbound, [], control_id="OURS1", now=moment)
+    assert reply == b"BHS#^~\\&#SE#SE#LAB#WEST#20260302080000+0000####OURS1#B9\rBTS#0\r"
+    ack = b"MSH#^~\\&#SE#SE#LAB#WEST#20260302080000+0000##ACK^A08^ACK#X1#P#2.5.1\rMSA#AA#M1\r"
+    assert build_batch_ack(inbound, [ack, ack], control_id="OURS2", now=moment).split(b"\r")[1:-1] == [
+        b"MSH#^~\\&#SE#SE#LAB#WEST#20260302080000+0000##ACK^A08^ACK#X1#P#2.5.1", b"MSA#AA#M1",
+        b"MSH#^~\\&#SE#SE#LAB#WEST#20260302080000+0000##ACK^A08^ACK#X1#P#2.5.1", b"MSA#AA#M1", b"BTS#2"]
