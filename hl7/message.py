@@ -224,6 +224,12 @@ class ErrorDetail:
                 parts += ["1", str(self.component)]
         return delimiters.component.join(parts)
 
+    def described(self) -> str:
+        """``code SEG^sequence^field^component: message``, as an operator reads it in a
+        parked message's error (``slotengine messages list``)."""
+        where = [str(part) for part in (self.segment, self.sequence or 1, self.field, self.component) if part]
+        return f"{self.code} {'^'.join(where) if self.segment else '-'}: {self.message}"
+
     def code_er7(self, delimiters: Delimiters = DEFAULT_DELIMITERS) -> str:
         """ERR-3 (CWE): code^standard text^HL70357."""
         return delimiters.component.join(

@@ -185,7 +185,7 @@ class Processor:
                 outcome = self._apply_one(session, view, row, message, guarded)
                 finished.append({"message_id": row.id, "status": outcome.status, "attempts": row.attempts + 1,
                                  # an error may quote the message, and PostgreSQL stores no NUL in text
-                                 "error": "; ".join(e.message for e in outcome.errors)[:4000].replace("\x00", "\ufffd")
+                                 "error": "; ".join(e.described() for e in outcome.errors)[:4000].replace("\x00", "\ufffd")
                                  if outcome.status == PARKED else "",
                                  "processed_at": self.scheduler.clock.now(), "application_ack": outcome.reply})
                 if outcome.status == APPLIED:

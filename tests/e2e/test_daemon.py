@@ -124,9 +124,36 @@ def test_garbage_and_oversize_never_hang(daemon):
 
 
 def test_corpus_every_message_answered(daemon, sqlite_path, corpus_dir):
-    """Every corpus message gets an ACK echoing its control id; AA means stored."""
+    """Every corpus file through the listener, one after another on one connection: each
+    message answered as its MSH-15/16 ask, echoing its control id; AA means stored, a
+    refusal names what is wrong.  Then, per file, the outcome (stored status, and the codes
+    and locations of the errors of a refused or parked message) against what the mapping
+    makes of it alone (tests/hl7/test_mapping.py), where the two differ for a reason named
+    here.  Corpus files from one source reuse a control id for other messages: refused (AR
+    205) as a real feed would be, then sent again with a control id of their own."""
     client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=15)
     answered = 0
+    acknowledged = {}  # per file, the acknowledgements of its (last) message
+    control_ids = {}  # per file, the control id it was last sent with
+
+    def send(stem: str, raw: bytes, control_id) -> None:
+        nonlocal answered
+        replies = client.exchange(raw)  # each acknowledgement MSH-15 and MSH-16 ask for
+        answered += 1
+        acks = [parse(reply) for reply in replies]
+        acknowledged[stem], control_ids[stem] = acks, control_id
+        codes = [ack.first("MSA").value(1) for ack in acks]
+        assert set(codes) <= {"AA", "AE", "AR", "CA", "CR"}, (stem, codes)
+        if control_id:
+            assert all(ack.first("MSA").value(2) == control_id for ack in acks), stem
+        refusals = [ack for ack, code in zip(acks, codes) if code in ("AR", "CR")]
+        if refusals:
+            assert refusals[0].segments_named("ERR"), stem
+        elif replies:  # stored, whatever applying it made of it (AE)
+            assert stored_control_ids(sqlite_path, control_id), stem
+        else:  # asked for no acknowledgement (NE/NE): nothing tells when it is stored
+            wait_until(lambda: stored_control_ids(sqlite_path, control_id), timeout=10)
+
     try:
         for path in sorted(corpus_dir.glob("*.hl7")):
             for raw in split_messages(path.read_bytes()):
@@ -134,24 +161,30 @@ def test_corpus_every_message_answered(daemon, sqlite_path, corpus_dir):
                     control_id = parse(raw).control_id
                 except Exception:  # noqa: BLE001 - unparseable ones must still be answered
                     control_id = None
-                replies = client.exchange(raw)  # each acknowledgement MSH-15 and MSH-16 ask for
-                answered += 1
-                acks = [parse(reply) for reply in replies]
-                codes = [ack.first("MSA").value(1) for ack in acks]
-                assert set(codes) <= {"AA", "AE", "AR", "CA", "CR"}, (path.name, codes)
-                if control_id:
-                    assert all(ack.first("MSA").value(2) == control_id for ack in acks), path.name
-                refusals = [ack for ack, code in zip(acks, codes) if code in ("AR", "CR")]
-                if refusals:
-                    assert refusals[0].segments_named("ERR"), path.name
-                elif replies:  # stored, whatever applying it made of it (AE)
-                    assert stored_control_ids(sqlite_path, control_id), path.name
-                else:  # asked for no acknowledgement (NE/NE): nothing tells when it is stored
-                    wait_until(lambda: stored_control_ids(sqlite_path, control_id), timeout=10)
+                send(path.stem, raw, control_id)
+        reused = reused_control_ids(corpus_dir)
+        refused_as_reused = {stem for stem, acks in acknowledged.items()
+                             if any(_err_codes(ack) == ["205 MSH^1^10"] for ack in acks)}
+        # a sender that asked for no accept acknowledgement (MSH-15 NE) is not told either
+        assert reused - refused_as_reused == {stem for stem in reused if not acknowledged[stem] and parse(
+            split_messages((corpus_dir / f"{stem}.hl7").read_bytes())[-1]).accept_ack_type.upper() == "NE"}
+        assert refused_as_reused <= reused
+        for stem in sorted(reused):
+            raw = split_messages((corpus_dir / f"{stem}.hl7").read_bytes())[-1]
+            message = parse(raw)
+            unique = f"{message.control_id}-{stem}"
+            send(stem, raw.replace(f"|{message.control_id}|".encode(), f"|{unique}|".encode(), 1), unique)
     finally:
         client.close()
     assert answered >= 130
     wait_until(lambda: waiting_messages(sqlite_path) == 0, timeout=60)
+    outcomes = corpus_outcomes(corpus_dir, sqlite_path, acknowledged, control_ids)
+    expected = expected_corpus_outcomes(corpus_dir)
+    different = {stem: (outcomes.get(stem), want) for stem, want in expected.items() if outcomes.get(stem) != want}
+    assert not different, "\n".join(f"{stem}: got {got}, expected {want}" for stem, (got, want) in different.items())
+    missing = {stem: lacking for stem, (status, _codes) in outcomes.items()
+               if status == "applied" and (lacking := records_missing(corpus_dir / f"{stem}.hl7", sqlite_path))}
+    assert not missing, missing
     parked = db_rows(sqlite_path, "select control_id, error from inbound_messages where status='parked'")
     for _cid, error in parked:
         assert error, "a parked message says why"
@@ -225,6 +258,121 @@ def test_validating_feed_refuses_what_hl7apy_refuses(tmp_path, corpus_dir):
         client.close()
     finally:
         daemon.stop()
+
+
+#: What the listener refuses of the corpus before the mapping sees it; tests/hl7/test_mapping.py's
+#: EXPECTED says what the mapping makes of the rest, each file on a schedule of its own.
+REFUSED_AT_RECEIPT = {
+    # MSH-10 (required) missing, the MSH cut short before it or the field empty: no key
+    # to store or deduplicate by, and no control id for the sender to match the ACK to
+    "bugs5382__ADT_A03__1": ("refused", ("101 MSH^1^10",)),
+    "hl7v2ig__ADT_A04__2": ("refused", ("101 MSH^1^10",)),
+    "hl7v2ig__ADT_A04__3": ("refused", ("101 MSH^1^10",)),
+}
+#: Where one file after another through one daemon differs from each file alone.
+IN_SEQUENCE: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Every msfhirconv SIU names appointment 12345.  msfhirconv__SIU_S15__1 cancels it and
+    # S17__1 deletes it; the state machine then refuses discontinuing it, a no-show, and (the
+    # __2 files come last, resent with control ids of their own) booking or moving it again.
+    "msfhirconv__SIU_S16__1": ("parked", ("207 MSH^1^9",)),
+    "msfhirconv__SIU_S26__1": ("parked", ("207 MSH^1^9",)),
+    "msfhirconv__SIU_S13__2": ("parked", ("207 SCH^1^25",)),
+    "msfhirconv__SIU_S14__2": ("parked", ("207 SCH^1^25",)),
+    "msfhirconv__SIU_S15__2": ("parked", ("207 MSH^1^9",)),
+    "msfhirconv__SIU_S16__2": ("parked", ("207 MSH^1^9",)),
+    "msfhirconv__SIU_S26__2": ("parked", ("207 MSH^1^9",)),
+}
+
+
+def expected_corpus_outcomes(corpus_dir) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Per file: the stored status, and for a refused or parked message the codes and
+    locations of its errors; an applied message's warnings are not stored (the mapping's
+    own test checks them)."""
+    from tests.hl7.test_mapping import EXPECTED
+
+    status = {"applied": "applied", "error": "parked", "skipped": "skipped"}
+    expected = {stem: (status[outcome], found if outcome == "error" else ())
+                for stem, (outcome, found) in EXPECTED.items()}
+    expected.update(REFUSED_AT_RECEIPT)
+    expected.update(IN_SEQUENCE)
+    return {stem: expected.get(stem, ("?", ())) for stem in sorted(p.stem for p in corpus_dir.glob("*.hl7"))}
+
+
+def corpus_outcomes(corpus_dir, sqlite_path, acknowledged, control_ids) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Per corpus file, what the daemon made of its (last) message: refused, with the ERR
+    codes of the refusal it answered; else the status stored, with the codes of a parked
+    message's errors (``code SEG^sequence^field^component``)."""
+    outcomes = {}
+    for path in sorted(corpus_dir.glob("*.hl7")):
+        refusal = next((ack for ack in acknowledged[path.stem] if ack.first("MSA").value(1) in ("AR", "CR")), None)
+        if refusal is not None:
+            outcomes[path.stem] = ("refused", tuple(_err_codes(refusal)))
+            continue
+        message = parse(split_messages(path.read_bytes())[-1])
+        rows = db_rows(sqlite_path, "select status, error from inbound_messages where sender = ? and control_id = ? "
+                                    "and status != 'refused'",
+                       f"{message.sending_application}^{message.sending_facility}", control_ids[path.stem])
+        status, error = rows[0] if rows else ("not stored", "")
+        outcomes[path.stem] = (status, tuple(re.findall(r"(?:^|; )(\d{3} [A-Z][A-Z0-9]{2}(?:\^\d+)*): ", error))
+                                        if status == "parked" else ())
+    return outcomes
+
+
+def records_missing(path, sqlite_path) -> list[str]:
+    """What an applied file's message should have left in the schedule and did not: a
+    patient for each PID-3 identifier of an ADT that registers patients (not a merge, whose
+    merged identifiers move), an appointment for an SIU's placer or filler id."""
+    message = parse(split_messages(path.read_bytes())[-1])
+    kind, event = message.message_type.upper(), message.trigger_event.upper()
+    lacking = []
+    if kind == "ADT" and event in ("A01", "A04", "A05", "A08", "A28", "A31"):
+        for pid in message.segments_named("PID"):
+            for rep in range(1, len(pid.repetitions(3)) + 1):
+                value = pid.value(3, 1, 1, rep).strip()
+                if value and not db_rows(sqlite_path, "select 1 from patient_identifiers where value = ?", value):
+                    lacking.append(f"patient {value}")
+    if kind == "SIU" and (sch := message.first("SCH")) is not None:
+        ids = [i for i in (sch.value(1), sch.value(2)) if i]
+        if ids and not any(db_rows(sqlite_path, "select 1 from appointments where placer_id = ? or placer_id like ? "
+                                                "or filler_id = ? or filler_id like ?", i, i + "^%", i, i + "^%")
+                           for i in ids):
+            lacking.append(f"appointment {'/'.join(ids)}")
+    return lacking
+
+
+def reused_control_ids(corpus_dir) -> set[str]:
+    """The files whose (MSH-3, MSH-4, MSH-10) an earlier file (in name order) used for another message."""
+    from hl7.store import content_hash
+
+    first_seen, reused = {}, set()
+    for path in sorted(corpus_dir.glob("*.hl7")):
+        for raw in split_messages(path.read_bytes()):
+            try:
+                message = parse(raw)
+            except Exception:  # noqa: BLE001 - no key
+                continue
+            if not message.control_id:
+                continue
+            key = (message.sending_application, message.sending_facility, message.control_id)
+            digest = content_hash(raw, message.delimiters.field.encode())
+            if first_seen.setdefault(key, digest) != digest:
+                reused.add(path.stem)
+    return reused
+
+
+def _err_codes(ack) -> list[str]:
+    found = []
+    for err in ack.segments_named("ERR"):
+        if err.value(3):  # v2.5 on: ERR-2 location (segment, sequence, field, repetition, component), ERR-3 code
+            location, code = [err.value(2, n) for n in (1, 2, 3, 5)], err.value(3)
+            if err.value(4) not in ("E", "W"):
+                continue
+        else:  # before: ERR-1 (segment, sequence, field, code)
+            location, code = [err.value(1, n) for n in (1, 2, 3)], err.value(1, 4)
+        while location and location[-1] in ("", "0"):
+            location.pop()
+        found.append(f"{code} {'^'.join(location)}")
+    return found
 
 
 def test_a_batch_in_one_frame_is_answered_with_a_batch(daemon, sqlite_path):
