@@ -278,9 +278,8 @@ class Listener:
             if problems:
                 rejection = "CE" if message.enhanced_mode else "AE"
                 ack = build_ack(message, rejection, problems, control_id=new_control_id(), now=now)
-                if control_id:
-                    await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw,
-                                               REFUSED, ack), quiet=True)
+                await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw, REFUSED, ack),
+                                  quiet=True)
                 return self._acknowledged(message, ack, rejection, started)
         status = RECEIVED
         # A placer's request (SRM, SQM) is answered with the response message, not an ACK.
@@ -297,7 +296,7 @@ class Listener:
         if problems:
             ack = build_ack(message, "CR" if enhanced else "AR", problems, control_id=new_control_id(), now=now,
                             raw_header=raw[:512])
-            if control_id:  # keep refused messages for the record; without MSH-10 there is no key
+            if message is not None:  # kept for the record (what does not parse is only logged)
                 await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw, REFUSED, ack),
                                   quiet=True)
             return self._acknowledged(message, ack, "CR" if enhanced else "AR", started)

@@ -11,7 +11,8 @@ and its sender a negative answer.
 acknowledgement stored with the original and is not stored or applied again.
 A refused message is kept for the record but holds no key: once its cause is
 fixed (the sender allowed, the type accepted), the sender's resend is stored
-and applied, under a new id, in its place in the order of arrival.
+and applied, under a new id, in its place in the order of arrival.  Each
+message refused for lacking MSH-10 is kept too, none a resend of another.
 
 On SQLite, receipts are committed to an ``Inbox``: a file of its own beside
 the database (``<database>-inbox``).  SQLite has a single writer per file, and
@@ -220,7 +221,11 @@ class Inbox:
             rows = []
             for item in items:
                 key = (item.sender, item.control_id)
-                if key in known and not (known[key][1] == REFUSED and item.status != REFUSED):
+                if not item.control_id:  # refused for lacking MSH-10: each one kept, none a resend of another
+                    last += 1
+                    rows.append(_inbox_row(last, item))
+                    results.append(Stored(last, False, item.status, item.ack))
+                elif key in known and not (known[key][1] == REFUSED and item.status != REFUSED):
                     message_id, status, ack, digest = known[key]
                     reused = bool(digest) and digest != item.content_hash
                     results.append(Stored(message_id, True, status, ack, reused_control_id=reused))
@@ -231,9 +236,7 @@ class Inbox:
                 else:
                     last += 1
                     fresh[key] = (last, item)
-                    rows.append((last, item.feed, item.sender, item.control_id, item.message_type, item.peer,
-                                 _utc_text(item.received_at), item.raw, item.content_hash, item.status, item.ack,
-                                 item.application_ack))
+                    rows.append(_inbox_row(last, item))
                     results.append(Stored(last, False, item.status, item.ack))
             if rows:
                 db.executemany(f"INSERT INTO inbox ({', '.join(_INBOX_COLUMNS)}) "
@@ -289,6 +292,11 @@ def _as_message(row: tuple) -> dict[str, Any]:
     return values
 
 
+def _inbox_row(message_id: int, item: Incoming) -> tuple:
+    return (message_id, item.feed, item.sender, item.control_id, item.message_type, item.peer,
+            _utc_text(item.received_at), item.raw, item.content_hash, item.status, item.ack, item.application_ack)
+
+
 def _upgrade_inbox(db: sqlite3.Connection) -> None:
     """An inbox written before refused messages stopped holding their key had the key
     UNIQUE in its table: rebuilt without (it holds only what is not yet moved)."""
@@ -323,6 +331,13 @@ def _utc_text(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
 
 
+def _inbound_row(item: Incoming) -> InboundMessage:
+    return InboundMessage(feed=item.feed, sender=item.sender, control_id=item.control_id,
+                          message_type=item.message_type, peer=item.peer, received_at=item.received_at,
+                          raw=item.raw, content_hash=item.content_hash, status=item.status, ack=item.ack,
+                          application_ack=item.application_ack)
+
+
 class MessageStore:
     def __init__(self, session_factory: sessionmaker, metrics: Metrics, inbox: Optional[Inbox] = None):
         self.sessions = session_factory
@@ -352,8 +367,14 @@ class MessageStore:
                 if (held := existing.get((row.sender, row.control_id))) is None or held.status == REFUSED:
                     existing[(row.sender, row.control_id)] = row
             fresh: dict[tuple[str, str], InboundMessage] = {}
+            keyless: dict[int, InboundMessage] = {}
             for index, item in enumerate(items):
                 key = (item.sender, item.control_id)
+                if not item.control_id:  # refused for lacking MSH-10: each one kept, none a resend of another
+                    row = _inbound_row(item)
+                    session.add(row)
+                    keyless[index] = row
+                    continue
                 if key in existing and not (existing[key].status == REFUSED and item.status != REFUSED):
                     row = existing[key]
                     reused = bool(row.content_hash) and row.content_hash != item.content_hash
@@ -361,12 +382,7 @@ class MessageStore:
                     continue
                 if key in fresh:
                     continue  # the same message twice in one batch: answered below
-                row = InboundMessage(
-                    feed=item.feed, sender=item.sender, control_id=item.control_id,
-                    message_type=item.message_type, peer=item.peer, received_at=item.received_at,
-                    raw=item.raw, content_hash=item.content_hash, status=item.status, ack=item.ack,
-                    application_ack=item.application_ack,
-                )
+                row = _inbound_row(item)
                 fresh[key] = row
                 session.add(row)
             try:
@@ -375,6 +391,8 @@ class MessageStore:
             except IntegrityError:
                 # Another node stored one of them between our select and insert.
                 raise StorageUnavailable("concurrent duplicate; retry") from None
+            for index, row in keyless.items():
+                results[index] = Stored(row.id, False, row.status, row.ack)
             for index, item in enumerate(items):
                 if results[index] is None:
                     row = fresh[(item.sender, item.control_id)]

@@ -263,8 +263,8 @@ def test_validating_feed_refuses_what_hl7apy_refuses(tmp_path, corpus_dir):
 #: What the listener refuses of the corpus before the mapping sees it; tests/hl7/test_mapping.py's
 #: EXPECTED says what the mapping makes of the rest, each file on a schedule of its own.
 REFUSED_AT_RECEIPT = {
-    # MSH-10 (required) missing, the MSH cut short before it or the field empty: no key
-    # to store or deduplicate by, and no control id for the sender to match the ACK to
+    # MSH-10 (required) missing, the MSH cut short before it or the field empty: no key to
+    # deduplicate by, nor a control id for the sender to match the ACK to (kept, refused)
     "bugs5382__ADT_A03__1": ("refused", ("101 MSH^1^10",)),
     "hl7v2ig__ADT_A04__2": ("refused", ("101 MSH^1^10",)),
     "hl7v2ig__ADT_A04__3": ("refused", ("101 MSH^1^10",)),

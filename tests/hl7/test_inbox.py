@@ -135,6 +135,17 @@ def test_a_refused_message_holds_no_key(database):
     assert store.store_batch([incoming("C2", status=REFUSED)])[0].message_id == later.message_id
 
 
+def test_messages_refused_for_lacking_a_control_id_are_each_kept(database):
+    path, engine = database
+    store = open_store(path, engine)
+    first, second = store.store_batch([incoming("", status=REFUSED), incoming("", status=REFUSED, body="B")])
+    third = store.store_batch([incoming("", status=REFUSED)])[0]
+    assert len({first.message_id, second.message_id, third.message_id}) == 3
+    assert not (first.duplicate or second.duplicate or third.duplicate)
+    move_all(store)
+    assert [row[1:3] for row in database_rows(store)] == [("", REFUSED)] * 3
+
+
 def test_an_inbox_from_before_is_rebuilt_with_its_rows(database):
     """Inboxes written before refused messages stopped holding their key had the key
     UNIQUE in the table: the rows still waiting there are kept, and move."""
