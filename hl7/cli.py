@@ -90,6 +90,23 @@ def _parse_day(text: Optional[str], default: date) -> date:
         raise CliError(f"expected a date like 2026-03-02, got {text!r}") from None
 
 
+def _parse_instant(text: Optional[str], option: str, tz: str) -> Optional[datetime]:
+    """A moment given on the command line: a date (its start) or a date and time, in the
+    clinic's time unless it carries its own offset; UTC."""
+    from engine.calendar import local_to_utc
+
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{option}: expected a date or time like 2026-03-02 or 2026-03-02T08:30 (clinic time, "
+                       f"or with an offset: 2026-03-02T08:30-05:00), got {text!r}") from None
+    if moment.tzinfo is None:
+        return local_to_utc(moment.date(), moment.time(), tz)
+    return moment.astimezone(timezone.utc)
+
+
 def _parse_time(text: Optional[str]) -> Optional[time]:
     if not text:
         return None
@@ -393,7 +410,8 @@ def cmd_messages_list(args) -> int:
     from hl7.store import inbox_rows
 
     config, sessions, _scheduler = _open(args)
-    since = datetime.fromisoformat(args.since).astimezone(timezone.utc) if args.since else None
+    since = _parse_instant(args.since, "--since", config.clinic.timezone)
+    until = _parse_instant(args.until, "--until", config.clinic.timezone)
     with sessions() as session:
         stmt = select(InboundMessage).order_by(InboundMessage.id.desc())
         if args.status:
@@ -405,6 +423,8 @@ def cmd_messages_list(args) -> int:
                                   InboundMessage.message_type.startswith(args.type + "^")))
         if since:
             stmt = stmt.where(InboundMessage.received_at >= since)
+        if until:
+            stmt = stmt.where(InboundMessage.received_at < until)
         rows = [{"id": m.id, "feed": m.feed, "sender": m.sender, "control_id": m.control_id, "type": m.message_type,
                  "status": m.status, "received_at": m.received_at.isoformat(), "error": m.error}
                 for m in session.scalars(stmt.limit(args.limit))]
@@ -416,7 +436,7 @@ def cmd_messages_list(args) -> int:
                if m["id"] not in listed and (not args.status or m["status"] == args.status)
                and (not args.sender or m["sender"] == args.sender)
                and (not args.type or m["message_type"] == args.type or m["message_type"].startswith(args.type + "^"))
-               and (not since or m["received_at"] >= since)]
+               and (not since or m["received_at"] >= since) and (not until or m["received_at"] < until)]
     rows = sorted(waiting + rows, key=lambda row: row["id"], reverse=True)[:args.limit]
     _emit(rows, args.json, ["id", "feed", "sender", "control_id", "type", "status", "received_at", "error"])
     return 0
@@ -788,9 +808,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="messages_command", required=True)
     mlist = schedule_command(messages, "list", "list stored messages", cmd_messages_list, listing=True)
     mlist.add_argument("--status", choices=("received", "applied", "skipped", "parked", "refused"))
-    mlist.add_argument("--sender", metavar="APP^FACILITY")
-    mlist.add_argument("--type", metavar="SIU^S12")
-    mlist.add_argument("--since", metavar="ISO-TIME")
+    mlist.add_argument("--sender", metavar="MSH-3^MSH-4", help="as stored and listed (the whole fields)")
+    mlist.add_argument("--type", metavar="SIU^S12", help="a message type (SIU) or type and event (SIU^S12)")
+    mlist.add_argument("--since", metavar="TIME", help="received at or after: a date or date and time, clinic time "
+                                                       "unless it has an offset")
+    mlist.add_argument("--until", metavar="TIME", help="received before (as --since)")
     mlist.add_argument("--limit", type=int, default=100)
     mshow = schedule_command(messages, "show", "show one stored message", cmd_messages_show, listing=True)
     mshow.add_argument("id", type=int)

@@ -224,3 +224,47 @@ def test_send_follows_msh15_and_msh16_and_reports_every_message(tmp_path):
     assert quiet.returncode == 1
     assert [line.split()[:4] for line in quiet.stdout.splitlines()] == [
         ["FAIL", f"{silent}#1", "T1", "timeout"], ["FAIL", f"{silent}#2", "-", "not-sent"]]
+
+
+def test_messages_list_filters_by_status_sender_type_and_time(tmp_path):
+    """Filters combine; times are clinic time unless they carry an offset; messages still in
+    the SQLite inbox are listed by the same rules; a bad time names its option."""
+    from datetime import datetime, timezone
+
+    from engine.db import make_session_factory
+    from engine.metrics import Metrics
+    from hl7.daemon import prepare_database
+    from hl7.store import APPLIED, RECEIVED, Inbox, Incoming, MessageStore
+
+    db = tmp_path / "list.db"
+    config = DaemonConfig(tmp_path, f"sqlite:///{db}")  # clinic time: America/New_York
+    common = ["--config", str(config.write())]
+    engine = prepare_database(f"sqlite:///{db}")
+    store = MessageStore(make_session_factory(engine), Metrics(), Inbox(db))
+
+    def item(control_id, sender, kind, received_utc, status=RECEIVED):
+        return Incoming("ehr", sender, control_id, kind, "127.0.0.1", received_utc, b"MSH|^~\\&|", status, None,
+                        control_id)
+
+    store.store_batch([item("M1", "EPIC^NORTH", "SIU^S12", datetime(2026, 3, 2, 13, 0, tzinfo=timezone.utc), APPLIED),
+                       item("M2", "EPIC^NORTH", "ADT^A04", datetime(2026, 3, 2, 15, 0, tzinfo=timezone.utc)),
+                       item("M3", "LAB^WEST", "SIU^S15", datetime(2026, 3, 3, 13, 0, tzinfo=timezone.utc))])
+    with store.sessions() as session, session.begin():  # M1 and M2 into the database, M3 stays in the inbox
+        store.move_received(session, 2)
+    engine.dispose()
+
+    def listed(*filters):
+        result = slotengine("messages", "list", "--json", *filters, *common)
+        return [json.loads(line)["control_id"] for line in result.stdout.splitlines()]
+
+    assert listed() == ["M3", "M2", "M1"]
+    assert listed("--sender", "EPIC^NORTH") == ["M2", "M1"]
+    assert listed("--type", "SIU") == ["M3", "M1"] and listed("--type", "SIU^S15") == ["M3"]
+    assert listed("--status", "applied") == ["M1"]
+    # 2 March 09:00 in New York is 14:00 UTC; 3 March starts at 05:00 UTC
+    assert listed("--since", "2026-03-02T09:00") == ["M3", "M2"]
+    assert listed("--since", "2026-03-02T09:00", "--until", "2026-03-03") == ["M2"]
+    assert listed("--until", "2026-03-02T13:30+00:00") == ["M1"]
+    assert listed("--sender", "EPIC^NORTH", "--type", "ADT", "--since", "2026-03-02") == ["M2"]
+    bad = slotengine("messages", "list", "--since", "yesterday", *common, check=False)
+    assert bad.returncode != 0 and "--since" in bad.stderr and "Traceback" not in bad.stderr
