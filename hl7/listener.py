@@ -257,9 +257,11 @@ class Listener:
         self._count_message(now)
         message: Optional[Message] = None
         problems: list[ErrorDetail] = []
+        warnings: list[ErrorDetail] = []  # told in a positive acknowledgement's ERR segments
         try:
             message = parse(raw)
-            problems = [p for p in check_header(message) if p.severity == "E"]
+            for problem in check_header(message):
+                (problems if problem.severity == "E" else warnings).append(problem)
         except HL7ParseError as exc:
             problems = [exc.detail]
         sender = f"{message.sending_application}^{message.sending_facility}" if message else "?^?"
@@ -275,6 +277,7 @@ class Listener:
         if not problems and feed.validate:
             found = await asyncio.get_running_loop().run_in_executor(None, structure_problems, message, raw)
             problems = [p for p in found if p.severity == "E"]
+            warnings += [p for p in found if p.severity != "E"]
             if problems:
                 rejection = "CE" if message.enhanced_mode else "AE"
                 ack = build_ack(message, rejection, problems, control_id=new_control_id(), now=now)
@@ -302,7 +305,7 @@ class Listener:
             return self._acknowledged(message, ack, "CR" if enhanced else "AR", started)
         immediate = (feed.ack_when == "stored" and not answered) or enhanced or status == SKIPPED
         code = ("CA" if enhanced else "AA")
-        ack = build_ack(message, code, [], control_id=new_control_id(), now=now) if immediate else None
+        ack = build_ack(message, code, warnings, control_id=new_control_id(), now=now) if immediate else None
         incoming = Incoming(feed.name, sender, control_id, kind, peer, now, raw, status, ack,
                             content_hash(raw, message.delimiters.field.encode()))
         if status == SKIPPED and enhanced:

@@ -398,3 +398,17 @@ def test_a_batch_in_one_frame_is_answered_with_a_batch(daemon, sqlite_path):
     assert segments[6][2].startswith(b"MSH^1^9") and segments[-2:] == [[b"BTS", b"3"], [b"FTS", b"1"]]
     assert stored_control_ids(sqlite_path, "B1") and stored_control_ids(sqlite_path, "B3")
     wait_until(lambda: db_rows(sqlite_path, "select 1 from appointments where placer_id = 'PB3^EPIC'"), timeout=30)
+
+
+def test_header_warnings_travel_in_the_positive_acknowledgement(daemon, sqlite_path):
+    """A message accepted despite a header problem (MSH-11 missing) is told so: AA with an
+    ERR of severity W naming the field."""
+    client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=10)
+    try:
+        reply = parse(client.send(siu("W1", "PW1").replace(b"|W1|P|2.5.1", b"|W1||2.5.1", 1)))
+    finally:
+        client.close()
+    assert reply.first("MSA").value(1) == "AA"
+    [err] = reply.segments_named("ERR")
+    assert ([err.value(2, n) for n in (1, 2, 3)], err.value(3), err.value(4)) == (["MSH", "1", "11"], "101", "W")
+    assert stored_control_ids(sqlite_path, "W1")
