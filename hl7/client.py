@@ -110,8 +110,9 @@ def _cr_endings(raw: bytes) -> bytes:
 
 
 def _due(condition: str) -> Optional[str]:
-    """Whether an acknowledgement under this MSH-15/16 condition must come, may come, or not."""
-    return "must" if condition in ("", "AL") else "may" if condition in ("ER", "SU") else None
+    """Whether an acknowledgement under this MSH-15/16 condition must come, may come, or not
+    (a value outside table 0155 is taken as AL, as the receiver takes it)."""
+    return None if condition == "NE" else "may" if condition in ("ER", "SU") else "must"
 
 
 def _code(reply: bytes) -> str:

@@ -416,11 +416,10 @@ def _is_batch(raw: bytes) -> bool:
 
 
 def _wanted(condition: str, success: bool) -> bool:
-    """Whether an acknowledgement is sent under MSH-15 or MSH-16 (table 0155): AL always
-    (and empty: the other field made the message enhanced-mode), NE never, ER on an error
-    or rejection only, SU on success only."""
-    condition = condition.upper()
-    return condition in ("", "AL") or (condition == "ER" and not success) or (condition == "SU" and success)
+    """Whether an acknowledgement is sent under MSH-15 or MSH-16 (table 0155): NE never, ER
+    on an error or rejection only, SU on success only; AL always, and so empty (the other
+    field made the message enhanced-mode) or a value not in the table (warned of, 103)."""
+    return {"NE": False, "ER": not success, "SU": success}.get(condition.upper(), True)
 
 
 def _hd_name(message: Message, field_: int) -> str:

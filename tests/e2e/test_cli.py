@@ -189,7 +189,7 @@ def test_send_follows_msh15_and_msh16_and_reports_every_message(tmp_path):
     daemon = DaemonProcess(config).start()
     try:
         asks = {"E1": "|||AL|AL", "E2": "|||NE|AL", "E3": "|||AL|NE", "E4": "|||NE|NE", "E5": "|||ER|ER",
-                "E6": "|||SU|SU", "E7": ""}
+                "E6": "|||SU|SU", "E7": "", "E8": "|||XX|"}  # XX: not in table 0155, taken as AL
         messages = tmp_path / "enhanced.hl7"
         messages.write_bytes(b"\n".join(siu(cid, "P" + cid, mrn="S" + cid, enhanced=ask).replace(b"\r", b"\n")
                                         for cid, ask in asks.items()))
@@ -197,8 +197,8 @@ def test_send_follows_msh15_and_msh16_and_reports_every_message(tmp_path):
         lines = [json.loads(line) for line in sent.stdout.splitlines()]
         assert [(line["control_id"], line["code"], line["ok"]) for line in lines] == [
             ("E1", "CA+AA", True), ("E2", "AA", True), ("E3", "CA", True), ("E4", "-", True), ("E5", "-", True),
-            ("E6", "CA+AA", True), ("E7", "AA", True)]
-        wait_until(lambda: len(db_rows(db, "select 1 from inbound_messages where status='applied'")) == 7)
+            ("E6", "CA+AA", True), ("E7", "AA", True), ("E8", "CA+AA", True)]
+        wait_until(lambda: len(db_rows(db, "select 1 from inbound_messages where status='applied'")) == 8)
         assert not db_rows(db, "select id from inbound_messages where instr(raw, x'0a') > 0")  # CR endings
 
         refused = tmp_path / "refused.hl7"
