@@ -279,7 +279,7 @@ class Listener:
             problems = [p for p in found if p.severity == "E"]
             warnings += [p for p in found if p.severity != "E"]
             if problems:
-                rejection = "CE" if message.enhanced_mode else "AE"
+                rejection = _refusal_code(message, "E")
                 ack = build_ack(message, rejection, problems, control_id=new_control_id(), now=now)
                 await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw, REFUSED, ack),
                                   quiet=True)
@@ -297,12 +297,13 @@ class Listener:
                 status = SKIPPED
         enhanced = bool(message and message.enhanced_mode)
         if problems:
-            ack = build_ack(message, "CR" if enhanced else "AR", problems, control_id=new_control_id(), now=now,
+            refusal = _refusal_code(message, "R")
+            ack = build_ack(message, refusal, problems, control_id=new_control_id(), now=now,
                             raw_header=raw[:512])
             if message is not None:  # kept for the record (what does not parse is only logged)
                 await self._store(Incoming(feed.name, sender, control_id, kind, peer, now, raw, REFUSED, ack),
                                   quiet=True)
-            return self._acknowledged(message, ack, "CR" if enhanced else "AR", started)
+            return self._acknowledged(message, ack, refusal, started)
         immediate = (feed.ack_when == "stored" and not answered) or enhanced or status == SKIPPED
         code = ("CA" if enhanced else "AA")
         ack = build_ack(message, code, warnings, control_id=new_control_id(), now=now) if immediate else None
@@ -315,16 +316,16 @@ class Listener:
             stored = await self._store(incoming)
         except StorageUnavailable as exc:
             detail = ErrorDetail("MSH", 1, 10, 0, "207", "E", f"message not stored ({exc}); resend later")
-            nak = build_ack(message, "CR" if enhanced else "AR", [detail], control_id=new_control_id(), now=now)
-            return self._acknowledged(message, nak, "CR" if enhanced else "AR", started)
+            nak = build_ack(message, _refusal_code(message, "R"), [detail], control_id=new_control_id(), now=now)
+            return self._acknowledged(message, nak, _refusal_code(message, "R"), started)
         if stored.reused_control_id:
             log.warning("control id reused for a different message; refused",
                         extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})
             detail = ErrorDetail("MSH", 1, 10, 0, "205", "E",
                                  f"control id {control_id} was already used by {sender} for a different message "
                                  f"(stored as {stored.message_id}); give this message its own MSH-10")
-            nak = build_ack(message, "CR" if enhanced else "AR", [detail], control_id=new_control_id(), now=now)
-            return self._acknowledged(message, nak, "CR" if enhanced else "AR", started)
+            nak = build_ack(message, _refusal_code(message, "R"), [detail], control_id=new_control_id(), now=now)
+            return self._acknowledged(message, nak, _refusal_code(message, "R"), started)
         if stored.duplicate:
             log.info("duplicate message; original acknowledgement resent",
                      extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})
@@ -413,6 +414,18 @@ def _is_batch(raw: bytes) -> bool:
     and answered together (``build_batch_ack``).  Several messages without an envelope stay
     an error (a second MSH): the sender framed them wrong."""
     return raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:3] in (b"FHS", b"BHS")
+
+
+def _refusal_code(message: Optional[Message], kind: str) -> str:
+    """MSA-1 for a message refused at receipt, ``kind`` E (error) or R (reject): AE/AR in
+    original mode, CE/CR in enhanced mode.  When MSH-15 asks for no commit acknowledgement
+    on an error but MSH-16 asks for an application acknowledgement, the refusal goes as that
+    (AE/AR): nothing will be applied, and it is the one answer the sender waits for."""
+    if message is None or not message.enhanced_mode:
+        return "A" + kind
+    if not _wanted(message.accept_ack_type, False) and _wanted(message.application_ack_type, False):
+        return "A" + kind
+    return "C" + kind
 
 
 def _wanted(condition: str, success: bool) -> bool:

@@ -204,13 +204,14 @@ def test_send_follows_msh15_and_msh16_and_reports_every_message(tmp_path):
         refused = tmp_path / "refused.hl7"
         orm = "MSH|^~\\&|EPIC|NORTHCLINIC|SE|SE|20260302080000||ORM^O01|{cid}|P|2.5.1{ask}\rPID|1||X1^^^N^MR\r"
         refused.write_bytes("\r".join(orm.format(cid=cid, ask=ask) for cid, ask in (
-            ("R1", ""), ("R2", "|||ER|ER"), ("R3", "|||SU|AL"))).encode())
+            ("R1", ""), ("R2", "|||ER|ER"), ("R3", "|||SU|AL"), ("R4", "|||NE|AL"), ("R5", "|||NE|NE"))).encode())
         answered = slotengine("send", "--port", str(daemon.port("ehr")), "--timeout", "3", str(refused), check=False)
         assert answered.returncode == 1
         assert [line.split()[:4] for line in answered.stdout.splitlines()] == [
             ["FAIL", f"{refused}#1", "R1", "AR"], ["FAIL", f"{refused}#2", "R2", "CR"],
-            # SU: no commit acknowledgement for a refusal, and nothing stored to apply: the wait times out
-            ["FAIL", f"{refused}#3", "R3", "timeout"]]
+            # SU: no commit acknowledgement for a refusal; the application acknowledgement asked for says it
+            ["FAIL", f"{refused}#3", "R3", "AR"], ["FAIL", f"{refused}#4", "R4", "AR"],
+            ["ok", f"{refused}#5", "R5", "-"]]  # asked to be told nothing, even of a refusal
     finally:
         daemon.stop()
 
