@@ -228,16 +228,6 @@ def test_database_unavailable_no_positive_ack_no_loss(tmp_path):
             pass
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def any_database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'nul.db'}"
-        return
-    from engine.testing import postgresql_schema_url
-
-    yield from postgresql_schema_url()
-
-
 def test_nul_characters_neither_lose_nor_block_messages(tmp_path, any_database_url):
     """PostgreSQL stores no NUL in text.  A NUL in a value (``\\X00\\`` or the byte) is dropped
     and the message applies; one in MSH-10 is refused naming MSH-10, and the feed goes on."""

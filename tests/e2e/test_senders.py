@@ -13,16 +13,6 @@ from tests.e2e.test_daemon import siu, wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def any_database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'senders.db'}"
-        return
-    from engine.testing import postgresql_schema_url
-
-    yield from postgresql_schema_url()
-
-
 def from_sender(control_id: str, placer: str, application: str, facility: str) -> bytes:
     return siu(control_id, placer).replace(b"|EPIC|NORTHCLINIC|", f"|{application}|{facility}|".encode(), 1)
 
