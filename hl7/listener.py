@@ -296,8 +296,8 @@ class Listener:
             else:
                 status = SKIPPED
         enhanced = bool(message and message.enhanced_mode)
+        refusal = _refusal_code(message, "R")
         if problems:
-            refusal = _refusal_code(message, "R")
             ack = build_ack(message, refusal, problems, control_id=new_control_id(), now=now,
                             raw_header=raw[:512])
             if message is not None:  # kept for the record (what does not parse is only logged)
@@ -316,16 +316,16 @@ class Listener:
             stored = await self._store(incoming)
         except StorageUnavailable as exc:
             detail = ErrorDetail("MSH", 1, 10, 0, "207", "E", f"message not stored ({exc}); resend later")
-            nak = build_ack(message, _refusal_code(message, "R"), [detail], control_id=new_control_id(), now=now)
-            return self._acknowledged(message, nak, _refusal_code(message, "R"), started)
+            nak = build_ack(message, refusal, [detail], control_id=new_control_id(), now=now)
+            return self._acknowledged(message, nak, refusal, started)
         if stored.reused_control_id:
             log.warning("control id reused for a different message; refused",
                         extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})
             detail = ErrorDetail("MSH", 1, 10, 0, "205", "E",
                                  f"control id {control_id} was already used by {sender} for a different message "
                                  f"(stored as {stored.message_id}); give this message its own MSH-10")
-            nak = build_ack(message, _refusal_code(message, "R"), [detail], control_id=new_control_id(), now=now)
-            return self._acknowledged(message, nak, _refusal_code(message, "R"), started)
+            nak = build_ack(message, refusal, [detail], control_id=new_control_id(), now=now)
+            return self._acknowledged(message, nak, refusal, started)
         if stored.duplicate:
             log.info("duplicate message; original acknowledgement resent",
                      extra={"feed": feed.name, "control_id": control_id, "message_id": stored.message_id})

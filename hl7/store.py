@@ -211,7 +211,7 @@ class Inbox:
             if now - self._pruned_at > self.PRUNE_EVERY_SECONDS:
                 self._pruned_at = now
                 db.execute("DELETE FROM inbox WHERE id <= ?", (self._moved_through(),))
-            keys = list(dict.fromkeys((i.sender, i.control_id) for i in items))
+            keys = list(dict.fromkeys((i.sender, i.control_id) for i in items if i.control_id))
             known = _rows_by_key(db, "inbox", keys)
             elsewhere = [k for k in keys if k not in known]
             if elsewhere:  # moved to the database already: its row answers the resend
@@ -358,7 +358,7 @@ class MessageStore:
     def _store_batch(self, items: list[Incoming]) -> list[Stored]:
         results: list[Optional[Stored]] = [None] * len(items)
         with self.sessions() as session, session.begin():
-            keys = list({(i.sender, i.control_id) for i in items})
+            keys = list({(i.sender, i.control_id) for i in items if i.control_id})
             existing: dict[tuple[str, str], Any] = {}  # the accepted message of each key, else a refused one
             for row in session.execute(
                     select(InboundMessage.id, InboundMessage.sender, InboundMessage.control_id,
