@@ -38,7 +38,7 @@ from engine.service import Scheduler
 from hl7.ack import ErrorDetail, build_ack, new_control_id
 from hl7.filler import FillerSettings, apply_request, is_filler_request
 from hl7.mapping import MappingError, apply_message, look_ahead
-from hl7.message import HL7ParseError, Message, parse
+from hl7.message import HL7ParseError, Message, check_header, parse
 from hl7.store import APPLIED, PARKED, RECEIVED, MessageStore
 
 log = logging.getLogger("slotengine.processor")
@@ -347,7 +347,9 @@ class Processor:
             # Built here, in the same transaction as the outcome, so a resend of
             # this message later gets exactly this answer.
             code = "AE" if outcome.status == PARKED else "AA"
-            outcome.reply = build_ack(message, code, outcome.errors, control_id=new_control_id(),
+            # the header's warnings too, as the listener's acknowledgement at receipt tells them
+            warnings = [problem for problem in check_header(message) if problem.severity != "E"]
+            outcome.reply = build_ack(message, code, warnings + outcome.errors, control_id=new_control_id(),
                                       now=self.scheduler.clock.now())
         return outcome
 

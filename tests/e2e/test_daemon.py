@@ -400,10 +400,11 @@ def test_a_batch_in_one_frame_is_answered_with_a_batch(daemon, sqlite_path):
     wait_until(lambda: db_rows(sqlite_path, "select 1 from appointments where placer_id = 'PB3^EPIC'"), timeout=30)
 
 
-def test_header_warnings_travel_in_the_positive_acknowledgement(daemon, sqlite_path):
+@pytest.mark.parametrize("feed", ["ehr", "strict"])  # acknowledged when stored, and when applied
+def test_header_warnings_travel_in_the_positive_acknowledgement(daemon, sqlite_path, feed):
     """A message accepted despite a header problem (MSH-11 missing) is told so: AA with an
     ERR of severity W naming the field."""
-    client = MLLPClient("127.0.0.1", daemon.port("ehr"), timeout=10)
+    client = MLLPClient("127.0.0.1", daemon.port(feed), timeout=10)
     try:
         reply = parse(client.send(siu("W1", "PW1").replace(b"|W1|P|2.5.1", b"|W1||2.5.1", 1)))
     finally:
