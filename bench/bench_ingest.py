@@ -77,6 +77,7 @@ from common import (
     percentile,
     plugin_names,
     print_table,
+    own_cpu_seconds,
     process_cpu_seconds,
     source_revision,
     start_py_spy,
@@ -623,6 +624,7 @@ def run_daemon(items: list[Item], connections: int, args, workdir: Path) -> dict
         poller.start()
         progress = Progress(url)
         cpu_before = process_cpu_seconds(daemon.pid)
+        receiving_cpu_before = own_cpu_seconds(daemon.pid)
         client_cpu_before = time.process_time()
         results, first, last_ack = send_all("127.0.0.1", daemon.port(), split, timeout=args.ack_timeout)
         client_cpu = time.process_time() - client_cpu_before
@@ -641,6 +643,7 @@ def run_daemon(items: list[Item], connections: int, args, workdir: Path) -> dict
         progress.close()
         poller.sample()
         cpu_after = process_cpu_seconds(daemon.pid)
+        receiving_cpu_after = own_cpu_seconds(daemon.pid)
         poller.stop_event.set()
         poller.join(5)
         stop_py_spy(profiler)
@@ -680,7 +683,11 @@ def run_daemon(items: list[Item], connections: int, args, workdir: Path) -> dict
         "daemon_cpu_seconds": round(cpu_after - cpu_before, 2) if cpu_before is not None and cpu_after else None,
         "daemon_cpu_ms_per_message": round((cpu_after - cpu_before) * 1000 / len(items), 2)
         if cpu_before is not None and cpu_after else None,
+        # the receiving process alone (listener, store, ACKs); the rest of the daemon's is the applier's
+        "receiving_cpu_ms_per_message": round((receiving_cpu_after - receiving_cpu_before) * 1000 / len(items), 2)
+        if receiving_cpu_before is not None and receiving_cpu_after else None,
         "client_cpu_seconds": round(client_cpu, 2),
+        "client_cpu_ms_per_message": round(client_cpu * 1000 / len(items), 2),
         "daemon_apply_ms_mean": round(1000 * metrics.get("slotengine_apply_seconds_sum", 0)
                                       / max(1.0, metrics.get("slotengine_apply_seconds_count", 0)), 2),
         "daemon_ack_ms_mean": round(1000 * metrics.get("slotengine_ack_seconds_sum", 0)
@@ -856,17 +863,18 @@ def main() -> int:
              if args.third_party_disabled else "") + "; "
           f"ack_when = {args.ack_when}; daemon log level {args.log_level}\n")
     headers = ["server", "conns", "msgs", "acked/s", "applied/s", "ACK p50 ms", "ACK p99 ms", "ACK max ms",
-               "max backlog", "CPU ms/msg", "apply ms", "codes", "load 1m before/after"]
+               "max backlog", "CPU ms/msg", "receiving CPU", "client CPU", "apply ms", "codes",
+               "load 1m before/after"]
     rows = []
     for r in runs:
         load = f"{(r['loadavg_before'] or ['?'])[0]}/{(r['loadavg_after'] or ['?'])[0]}"
         rows.append(["slotengine daemon", r["connections"], f"{r['messages']:,}", r["acked_per_s"],
                      r["applied_per_s"] or f"incomplete ({r['applied_when_stopped_waiting']:.0f})", r["ack_p50_ms"],
                      r["ack_p99_ms"], r["ack_max_ms"], r["max_backlog"], r["daemon_cpu_ms_per_message"],
-                     r["daemon_apply_ms_mean"], " ".join(f"{k}:{v}" for k, v in sorted(r["ack_codes"].items())), load])
+                     r["receiving_cpu_ms_per_message"], r["client_cpu_ms_per_message"], r["daemon_apply_ms_mean"], " ".join(f"{k}:{v}" for k, v in sorted(r["ack_codes"].items())), load])
     for b in baselines:
         rows.append(["hl7apy MLLPServer", b["connections"], f"{b['messages']:,}", b["acked_per_s"], "-",
-                     b["ack_p50_ms"], b["ack_p99_ms"], "-", "-", b.get("server_cpu_ms_per_message", "-"), "-",
+                     b["ack_p50_ms"], b["ack_p99_ms"], "-", "-", b.get("server_cpu_ms_per_message", "-"), "-", "-", "-",
                      " ".join(f"{k}:{v}" for k, v in sorted(b["ack_codes"].items())), "-"])
     print_table(headers, rows)
 

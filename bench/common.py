@@ -105,12 +105,19 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process and its live children (the daemon's
     applier process), all threads, from /proc; None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+    own = own_cpu_seconds(pid)
+    if own is None:
         return None
     return own + sum(process_cpu_seconds(child) or 0.0 for child in child_pids(pid))
+
+
+def own_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of one process, all threads, children left out; None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def child_pids(pid: int) -> set[int]:
