@@ -338,12 +338,6 @@ class Direct:
         form = self._form(connection, params)
         return form.run(connection, form.bind(params), many=False, fetch=False)
 
-    def completed(self, connection: Connection, params: dict[str, Any]) -> dict[str, Any]:
-        """``params`` with the statement's Python-side column defaults filled in for the
-        columns not given (a callable default called here, once): the values an INSERT of
-        them writes, which need not be read back."""
-        return self._form(connection, params).completed(params)
-
     def run_many(self, connection: Connection, rows: list[dict[str, Any]]) -> list[tuple]:
         """Run for each parameter set (all with the same names); the rows RETURNING gave, if any."""
         if not rows:
@@ -417,15 +411,14 @@ class _Form:
         self._processed = [(index, process) for index, (_name, process) in enumerate(self.binds) if process]
         self._merge = bool(self.defaults or self.generated)
 
-    def completed(self, params: Optional[dict[str, Any]]) -> dict[str, Any]:
-        values = {**self.defaults, **params} if params else dict(self.defaults)
-        for name, make in self.generated:
-            if name not in values:
-                values[name] = make(None)  # SQLAlchemy's wrapper of a default callable takes a context
-        return values
-
     def bind(self, params: Optional[dict[str, Any]]) -> Any:
-        values = self.completed(params) if self._merge or not params else params  # the caller's: read only
+        if self._merge or not params:
+            values = {**self.defaults, **params} if params else dict(self.defaults)
+            for name, make in self.generated:
+                if name not in values:
+                    values[name] = make(None)  # SQLAlchemy's wrapper of a default callable takes a context
+        else:
+            values = params  # read only
         row = list(self._pick(values))
         for index, process in self._processed:
             row[index] = process(row[index])

@@ -108,15 +108,12 @@ _LINK_SLOT = Direct(insert(_APPOINTMENT_SLOTS))
 _AUDIT = AuditEntry.__table__  # rows written at the transaction's flush points, several with one statement
 _PATIENT_MERGED_INTO = Direct(select(Patient.__table__.c.merged_into_id)
                               .where(Patient.__table__.c.id == bindparam("patient_id")))
-#: Rows written by ``_insert_row``: each model's INSERT … RETURNING its new id (the rest is
-#: what was written: reading every column back cost more than the INSERT, JSON and times parsed)
-_INSERT_RETURNING_ID = {model: Direct(insert(model.__table__).returning(model.__table__.c.id))
-                        for model in (Appointment, AppointmentResource, Coverage, Patient)}
-#: a patient's identifiers, several at once: RETURNING tells which id went to which
-_INSERT_IDENTIFIERS = Direct(insert(PatientIdentifier.__table__).returning(*PatientIdentifier.__table__.columns))
-#: the models' columns, each with whether a None given is stored (else left to the default)
+#: Rows written by ``_insert_row``: each model's INSERT … RETURNING every column
+_INSERT_RETURNING = {model: Direct(insert(model.__table__).returning(*model.__table__.columns))
+                     for model in (Appointment, AppointmentResource, Coverage, Patient, PatientIdentifier)}
+#: their columns in that order, each with whether a None given is stored (else left to the default)
 _INSERTED_COLUMNS = {model: {column.key: column.type.should_evaluate_none for column in model.__table__.columns}
-                     for model in (*_INSERT_RETURNING_ID, PatientIdentifier)}
+                     for model in _INSERT_RETURNING}
 _SET_FILLER_ID = Direct(update(Appointment.__table__).where(Appointment.__table__.c.id == bindparam("appointment_id"))
                         .values(filler_id=bindparam("new_filler_id")))
 # the owners of identifiers, by count (``_identifier_owners``), and their rows loaded after:
@@ -274,7 +271,7 @@ _ALLOW = Decision("allow")
 
 
 def _insert_row(session: Session, row_object: Any) -> None:
-    """Write a new (transient or pending) object with one Core INSERT … RETURNING id and keep
+    """Write a new (transient or pending) object with one Core INSERT … RETURNING and keep
     it as a clean persistent instance: the ORM flush of one row costs several times the
     statement itself, and every booking and new patient pays it.  The values are those the
     flush would send: a None is left to the column's default unless the type stores it."""
@@ -282,26 +279,22 @@ def _insert_row(session: Session, row_object: Any) -> None:
     stores_none = _INSERTED_COLUMNS[state.class_]
     values = {key: value for key, value in state.dict.items()
               if key in stores_none and (value is not None or stores_none[key])}
-    connection = session.connection()
-    statement = _INSERT_RETURNING_ID[state.class_]
-    values = statement.completed(connection, values)
-    (values["id"],), = statement.rows(connection, values)
+    row, = _INSERT_RETURNING[state.class_].rows(session.connection(), values)
     if state.pending:
         session.expunge(row_object)
-    _as_stored(session, row_object, values)  # an appointment is noted by _appointment_flushed
+    _as_stored(session, row_object, row)  # an appointment is noted by _appointment_flushed
 
 
-def _as_stored(session: Session, row_object: Any, written: dict[str, Any]) -> None:
-    """Make the transient ``row_object`` the persistent instance of the row just inserted
-    with the values ``written`` (its id and defaults included; a column left out is NULL):
-    clean, holding what was written, exactly as the session's flush leaves it, so that a
-    rollback takes it out of the session again (SQLite may give its id to the next row).
-    Pending as ``Session.add`` makes it, less the save-update cascade, which costs more
-    than the rest together and finds nothing here (the related rows of the callers'
+def _as_stored(session: Session, row_object: Any, row: Any) -> None:
+    """Make the transient ``row_object`` the persistent instance of the ``row`` just inserted:
+    every column as stored, defaults included, clean, exactly as if the session had flushed
+    it, so that a rollback takes it out of the session again (SQLite may give its id to the
+    next row).  Pending as ``Session.add`` makes it, less the save-update cascade, which costs
+    more than the rest together and finds nothing here (the related rows of the callers'
     objects are written by INSERTs of their own); then persistent as the flush makes it."""
     state = instance_state(row_object)
     session._save_impl(state)
-    state.dict.update({key: written.get(key) for key in _INSERTED_COLUMNS[state.class_]})
+    state.dict.update(zip(_INSERTED_COLUMNS[state.class_], row))
     session._register_persistent({state})
 
 
@@ -1561,13 +1554,13 @@ class Scheduler:
                 # one INSERT for all of them; the rows come back in no promised order
                 keys = list(dict.fromkeys((i.authority, i.type_code, i.value) for i in record.identifiers))
                 stored = {(row.authority, row.type_code, row.value): row
-                          for row in _INSERT_IDENTIFIERS.run_many(session.connection(), [
+                          for row in _INSERT_RETURNING[PatientIdentifier].run_many(session.connection(), [
                               {"patient_id": patient.id, "authority": authority, "type_code": type_code, "value": value}
                               for authority, type_code, value in keys])}
                 identifiers = []
                 for key in keys:
                     identifier = PatientIdentifier()
-                    _as_stored(session, identifier, stored[key]._asdict())
+                    _as_stored(session, identifier, stored[key])
                     identifiers.append(identifier)
                 set_committed_value(patient, "identifiers", identifiers)  # so the returned patient lists them
                 added = keys

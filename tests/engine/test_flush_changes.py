@@ -4,14 +4,16 @@ as ``session.flush()`` would: the row written, the object clean, and a rollback
 expiring what the transaction changed; anything it does not handle goes to the flush."""
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
 
+import pytest
 from sqlalchemy import event, select
 
 from engine.db import flush_changes
-from engine.models import Appointment, AppointmentResource, Patient, Resource
-from engine.requests import ExternalAppointment
-from tests.engine.helpers import local, make_patient, provider_id, statements
+from engine.models import Appointment, AppointmentResource, AuditEntry, Patient, Resource
+from engine.requests import BookingRequest, CoverageRecord, ExternalAppointment
+from tests.engine.helpers import STAFF, local, make_patient, provider_id, statements
 from tests.engine.test_mirror import EHR
 
 
@@ -90,3 +92,52 @@ def test_a_flush_listener_still_hears_of_the_flush(sch):
         session.get(Patient, patient.id).family_name = "Roe"
         flush_changes(session)
     assert heard == ["before_flush"]
+
+
+# --- new rows: written without the flush, holding what was stored --------------------------
+
+
+def _as_reloaded(sch, row, names: list[str]) -> None:
+    with sch.sessions() as session:
+        stored = session.get(type(row), row.id)
+        for name in names:
+            assert getattr(row, name) == getattr(stored, name), name
+            assert type(getattr(row, name)) is type(getattr(stored, name)), name
+            if isinstance(getattr(row, name), datetime):
+                assert getattr(row, name).tzinfo is timezone.utc, name
+
+
+def test_a_new_row_holds_its_values_as_stored_whatever_form_they_were_given_in(sch):
+    """``_insert_row`` reads back only the new id: what the object keeps is what it wrote,
+    brought to the form it reads back in (a time in UTC, a date a date, a bool, a list),
+    so that the engine's times stay UTC and an audit snapshot reads as a reload does."""
+    new_york = ZoneInfo("America/New_York")
+    patient = make_patient(sch, birth_date=datetime(1980, 5, 6, 12, 30), phones=({"number": "+1 555 0100"},),
+                           preferred_weekdays=(0, 2), needs_interpreter=1,
+                           preferred_earliest=time(9, 0, tzinfo=timezone(timedelta(hours=2))),
+                           deceased=True, deceased_at=datetime(2026, 3, 1, 9, 0, tzinfo=new_york))
+    _as_reloaded(sch, patient, ["birth_date", "phones", "preferred_weekdays", "needs_interpreter",
+                                "preferred_earliest", "deceased", "deceased_at", "created_at", "address"])
+    coverage = sch.record_coverage(patient.id, CoverageRecord(
+        payer_id="ACME", member_id="M1", effective_date=datetime(2026, 1, 1, 5, 0),
+        verified_at=datetime(2026, 3, 1, 9, 0, tzinfo=new_york)), STAFF)
+    _as_reloaded(sch, coverage, ["effective_date", "verified_at"])
+
+    start = datetime(2026, 3, 3, 9, 0, tzinfo=new_york)
+    booked = sch.book(BookingRequest(patient.id, "general", provider_id=provider_id(sch, "DRSMITH"), start=start),
+                      STAFF)
+    mirrored = sch.record_external_appointment(ExternalAppointment(
+        status="booked", start=start + timedelta(days=1), end=start + timedelta(days=1, minutes=30),
+        appointment_type="general", placer_id="EHR-FORMS", provider_id=provider_id(sch, "DRSMITH")), EHR)
+    for appointment in (booked, mirrored):
+        _as_reloaded(sch, appointment, ["start", "end", "created_at", "eligibility"])
+        with sch.sessions() as session:
+            after = [entry.after for entry in session.scalars(
+                select(AuditEntry).where(AuditEntry.entity == "appointment", AuditEntry.entity_id == appointment.id))
+                if entry.after and "start" in entry.after]
+        assert after and all(snapshot["start"].endswith("+00:00") for snapshot in after)
+
+
+def test_a_naive_time_is_still_refused_when_a_row_is_written(sch):
+    with pytest.raises(Exception, match="naive datetime"):
+        make_patient(sch, deceased=True, deceased_at=datetime(2026, 3, 1, 9, 0))
