@@ -4,6 +4,7 @@
     python bench/bench_apply.py                     # 3,000 of bench_ingest's messages
     python bench/bench_apply.py --messages 1500 --profile       # cProfile, our functions first
     python bench/bench_apply.py --fingerprint before.txt        # every table, run times masked
+    python bench/bench_apply.py --database postgresql://postgres@127.0.0.1:5432/test  # on PostgreSQL
 
 No sockets, no daemon: the messages ``bench_ingest`` generates (the demo
 clinic; A04, A08, S12, S13, S15) are stored in the inbox first, then applied
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import re
 import sqlite3
@@ -42,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ingest import generate  # noqa: E402
+from bench_ingest import _postgres_schema, generate  # noqa: E402
 from common import DaemonSettings, machine_info, machine_line, print_table, source_revision  # noqa: E402
 from sqlalchemy import event, inspect, text  # noqa: E402
 
@@ -62,8 +64,22 @@ from hl7.store import RECEIVED, Inbox, Incoming, MessageStore, content_hash  # n
 
 
 def run_arm(raws: list[bytes], *, plugins: bool, workdir: Path, profile: bool = False,
-            fingerprint: Path | None = None, floor: bool = False) -> dict:
-    config = load_config(DaemonSettings(workdir, f"sqlite:///{workdir}/apply.db", log_level="WARNING").write())
+            fingerprint: Path | None = None, floor: bool = False, database: str | None = None) -> dict:
+    """One arm on a fresh SQLite file in ``workdir``, or with ``database`` (PostgreSQL) in a
+    fresh schema there, dropped afterwards; the floor (SQL replayed on bare sqlite3) is SQLite's."""
+    schema = f"bench_apply_{os.getpid()}_{'all' if plugins else 'none'}" if database else None
+    url = _postgres_schema(database, schema, create=True) if database else f"sqlite:///{workdir}/apply.db"
+    try:
+        return _run_arm(raws, url, plugins=plugins, workdir=workdir, profile=profile, fingerprint=fingerprint,
+                        floor=floor and not database)
+    finally:
+        if database:
+            _postgres_schema(database, schema, create=False)
+
+
+def _run_arm(raws: list[bytes], url: str, *, plugins: bool, workdir: Path, profile: bool,
+             fingerprint: Path | None, floor: bool) -> dict:
+    config = load_config(DaemonSettings(workdir, url, log_level="WARNING").write())
     engine = prepare_database(config.database.url, config.database.pool_size, config.clinic.data)
     sessions = make_session_factory(engine)
     metrics = Metrics()
@@ -73,8 +89,12 @@ def run_arm(raws: list[bytes], *, plugins: bool, workdir: Path, profile: bool = 
     context = make_context(scheduler, plugin_settings=config.plugins.settings if plugins else {}, metrics=metrics)
     generate_slots(context)  # as the daemon does at start: bookings take seats, cancellations free them
     outbound_settings = OutboundSettings(default_timezone=config.clinic.timezone)
-    Inbox.for_database(config.database.url).store([_incoming(raw) for raw in raws])
+    inbox = Inbox.for_database(config.database.url)
     store = MessageStore(sessions, metrics, Inbox.for_database(config.database.url, writer=False))
+    if inbox is not None:
+        inbox.store([_incoming(raw) for raw in raws])
+    else:  # PostgreSQL: receipts go straight to inbound_messages, as the daemon's do
+        store.store_batch([_incoming(raw) for raw in raws])
     processor = Processor(scheduler, store, feed_policies(config, outbound_settings), metrics)
     statements = [0]
     recorded: list[tuple] = []  # with ``floor``: every statement and commit, to be replayed
@@ -184,32 +204,39 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=20260601)
     ap.add_argument("--profile", action="store_true", help="cProfile the all-plugins arm")
     ap.add_argument("--fingerprint", type=Path, metavar="FILE", help="write the all-plugins arm's tables here")
+    ap.add_argument("--database", metavar="URL",
+                    help="postgresql://USER@HOST/DB: each arm in a fresh schema there, dropped afterwards "
+                         "(default: SQLite files in a temporary directory)")
     args = ap.parse_args()
+    if args.database and not args.database.startswith("postgresql"):
+        ap.error("--database takes a postgresql:// URL (SQLite is the default)")
     count = 1000 if args.quick else args.messages
     raws = [item.raw for item in generate(count, seed=args.seed)]
     info = machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-apply-") as work:
         (Path(work) / "base").mkdir()
         (Path(work) / "all").mkdir()
-        baseline = run_arm(raws, plugins=False, workdir=Path(work) / "base")
+        baseline = run_arm(raws, plugins=False, workdir=Path(work) / "base", database=args.database)
         measured = run_arm(raws, plugins=True, workdir=Path(work) / "all", profile=args.profile,
-                           fingerprint=args.fingerprint, floor=True)
+                           fingerprint=args.fingerprint, floor=True, database=args.database)
     print(f"\nslotengine apply bench: {count:,} of bench_ingest's messages through the processor, "
-          f"SQLite synchronous=FULL, in-process")
+          f"{'PostgreSQL' if args.database else 'SQLite synchronous=FULL'}, in-process")
     print(machine_line(info))
     revision = source_revision()
     print(f"source: commit {revision['commit']}{' (uncommitted changes)' if revision['dirty'] else ''}")
     rows = [[name, f"{arm['per_s']:,.1f}", f"{arm['cpu_ms']:.2f}", f"{arm['statements']:.1f}", str(arm["failed"])]
             for name, arm in (("all built-in plugins", measured), ("baseline: no plugins", baseline))]
-    floor = measured.pop("floor")
-    rows.append(["its SQL alone, bare sqlite3", f"{floor['per_s']:,.1f}", f"{floor['cpu_ms']:.2f}",
-                 f"{measured['statements']:.1f}", "-"])
+    floor = measured.pop("floor", None)
+    if floor:
+        rows.append(["its SQL alone, bare sqlite3", f"{floor['per_s']:,.1f}", f"{floor['cpu_ms']:.2f}",
+                     f"{measured['statements']:.1f}", "-"])
     print()
     print_table(["arm", "msg/s", "CPU ms/msg", "statements/msg", "failed"], rows)
     ratio = round(measured["cpu_ms"] / baseline["cpu_ms"], 2)
     print(f"\nplugins / no plugins: CPU per message x{ratio}; rows written (all plugins): {measured['counts']}")
-    print(f"all plugins / its SQL alone: CPU per message x{measured['cpu_ms'] / floor['cpu_ms']:.1f} "
-          f"(the rest is Python: parsing, mapping, engine, ORM, plugins)")
+    if floor:
+        print(f"all plugins / its SQL alone: CPU per message x{measured['cpu_ms'] / floor['cpu_ms']:.1f} "
+              f"(the rest is Python: parsing, mapping, engine, ORM, plugins)")
     if args.fingerprint:
         print(f"tables written to {args.fingerprint} (compare two commits with cmp)")
     profiler = measured.pop("profile", None)
