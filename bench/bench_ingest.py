@@ -74,10 +74,10 @@ from common import (
     load_average,
     machine_info,
     machine_line,
+    own_cpu_seconds,
     percentile,
     plugin_names,
     print_table,
-    own_cpu_seconds,
     process_cpu_seconds,
     source_revision,
     start_py_spy,
@@ -871,10 +871,12 @@ def main() -> int:
         rows.append(["slotengine daemon", r["connections"], f"{r['messages']:,}", r["acked_per_s"],
                      r["applied_per_s"] or f"incomplete ({r['applied_when_stopped_waiting']:.0f})", r["ack_p50_ms"],
                      r["ack_p99_ms"], r["ack_max_ms"], r["max_backlog"], r["daemon_cpu_ms_per_message"],
-                     r["receiving_cpu_ms_per_message"], r["client_cpu_ms_per_message"], r["daemon_apply_ms_mean"], " ".join(f"{k}:{v}" for k, v in sorted(r["ack_codes"].items())), load])
+                     r["receiving_cpu_ms_per_message"], r["client_cpu_ms_per_message"], r["daemon_apply_ms_mean"],
+                     " ".join(f"{k}:{v}" for k, v in sorted(r["ack_codes"].items())), load])
     for b in baselines:
         rows.append(["hl7apy MLLPServer", b["connections"], f"{b['messages']:,}", b["acked_per_s"], "-",
-                     b["ack_p50_ms"], b["ack_p99_ms"], "-", "-", b.get("server_cpu_ms_per_message", "-"), "-", "-", "-",
+                     b["ack_p50_ms"], b["ack_p99_ms"], "-", "-", b.get("server_cpu_ms_per_message", "-"),
+                     "-", "-", "-",
                      " ".join(f"{k}:{v}" for k, v in sorted(b["ack_codes"].items())), "-"])
     print_table(headers, rows)
 

@@ -94,7 +94,7 @@ def test_a_flush_listener_still_hears_of_the_flush(sch):
     assert heard == ["before_flush"]
 
 
-# --- new rows: written without the flush, holding what was stored --------------------------
+# --- new rows: written without the flush, holding what a reload gives ----------------------
 
 
 def _as_reloaded(sch, row, names: list[str]) -> None:
@@ -108,9 +108,11 @@ def _as_reloaded(sch, row, names: list[str]) -> None:
 
 
 def test_a_new_row_holds_its_values_as_stored_whatever_form_they_were_given_in(sch):
-    """``_insert_row`` reads back only the new id: what the object keeps is what it wrote,
-    brought to the form it reads back in (a time in UTC, a date a date, a bool, a list),
-    so that the engine's times stay UTC and an audit snapshot reads as a reload does."""
+    """``_insert_row`` makes a new row's object persistent without a flush: the object must
+    hold each value as a reload gives it (a time in UTC, a date a date, a bool, a list),
+    whatever form the caller gave, so that the engine's times stay UTC and an audit
+    snapshot reads as the row does.  (A version keeping the values as written left a
+    start given in the clinic's zone in that zone, in the object and in the audit.)"""
     new_york = ZoneInfo("America/New_York")
     patient = make_patient(sch, birth_date=datetime(1980, 5, 6, 12, 30), phones=({"number": "+1 555 0100"},),
                            preferred_weekdays=(0, 2), needs_interpreter=1,
