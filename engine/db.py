@@ -343,6 +343,10 @@ class Direct:
         if not rows:
             return []
         form = self._form(connection, rows[0])
+        if len(rows) == 1:
+            # psycopg runs executemany in a pipeline: three waits on the server even for one set
+            returned = form.run(connection, form.bind(rows[0]), many=False, fetch=bool(form.row_type))
+            return returned if form.row_type else []
         if not form.row_type:
             form.run(connection, [form.bind(row) for row in rows], many=True, fetch=False)
             return []

@@ -167,6 +167,36 @@ def test_engine_listeners_see_each_statement(slotengine_session_factory, sloteng
     assert inserts == [("INSERT", False), ("INSERT", False), ("INSERT", db_kind == "postgresql"), ("INSERT", True)]
 
 
+def test_one_parameter_set_is_one_execute_with_what_many_would_give(slotengine_session_factory, slotengine_engine,
+                                                                    db_kind):
+    """psycopg pipelines every executemany (three waits on the server even for one set):
+    ``run_many`` of a single set runs it as one execute instead, with the same result."""
+    seen = []
+
+    def _sent(_conn, _cursor, statement, parameters, _context, executemany):
+        seen.append((statement.split()[0], executemany))
+
+    event.listen(slotengine_engine, "before_cursor_execute", _sent)
+    try:
+        with slotengine_session_factory() as session, session.begin():
+            connection = session.connection()
+            appointment_id = _appointment(connection, _patient(connection))
+            seen.clear()
+            returned = _reserve(db_kind).run_many(connection, [
+                {"subject": "patient:1", "unit": 7, "seat": 0, "appointment_id": appointment_id}])
+            again = _reserve(db_kind).run_many(connection, [
+                {"subject": "patient:1", "unit": 7, "seat": 0, "appointment_id": appointment_id}])
+            plain = Direct(update(RESERVATIONS).where(RESERVATIONS.c.unit == bindparam("old"))
+                           .values(unit=bindparam("new"))).run_many(connection, [{"old": 7, "new": 8}])
+            units = connection.execute(select(RESERVATIONS.c.unit).where(
+                RESERVATIONS.c.appointment_id == appointment_id)).scalars().all()
+    finally:
+        event.remove(slotengine_engine, "before_cursor_execute", _sent)
+    assert [tuple(row) for row in returned] == [("patient:1", 7, 0)] and again == [] and plain == []
+    assert units == [8]
+    assert seen[:3] == [("INSERT", False), ("INSERT", False), ("UPDATE", False)]
+
+
 def test_outside_a_transaction_nothing_runs(slotengine_engine):
     with slotengine_engine.connect() as connection:
         with pytest.raises(RuntimeError, match="inside a transaction"):
