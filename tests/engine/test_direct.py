@@ -5,6 +5,7 @@ Python-side column defaults, the same errors, and the same listeners told."""
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -145,23 +146,30 @@ def test_a_driver_error_comes_out_as_sqlalchemys_and_the_transaction_goes_on(slo
         assert _patient(session.connection()) > patient_id
 
 
-def test_engine_listeners_see_each_statement(slotengine_session_factory, slotengine_engine, db_kind):
-    seen = []
+@contextmanager
+def _verbs_sent(engine):
+    """(first word of the statement, whether executemany) for each statement the engine's
+    listeners are told of while the block runs."""
+    seen: list[tuple[str, bool]] = []
 
     def _sent(_conn, _cursor, statement, parameters, _context, executemany):
         seen.append((statement.split()[0], executemany))
 
-    event.listen(slotengine_engine, "before_cursor_execute", _sent)
+    event.listen(engine, "before_cursor_execute", _sent)
     try:
-        with slotengine_session_factory() as session, session.begin():
-            connection = session.connection()
-            appointment_id = _appointment(connection, _patient(connection))
-            _reserve(db_kind).run_many(connection, [
-                {"subject": "patient:1", "unit": u, "seat": 0, "appointment_id": appointment_id} for u in range(3)])
-            Direct(insert(RESERVATIONS)).run_many(connection, [
-                {"subject": "patient:2", "unit": u, "seat": 0, "appointment_id": appointment_id} for u in range(3)])
+        yield seen
     finally:
-        event.remove(slotengine_engine, "before_cursor_execute", _sent)
+        event.remove(engine, "before_cursor_execute", _sent)
+
+
+def test_engine_listeners_see_each_statement(slotengine_session_factory, slotengine_engine, db_kind):
+    with _verbs_sent(slotengine_engine) as seen, slotengine_session_factory() as session, session.begin():
+        connection = session.connection()
+        appointment_id = _appointment(connection, _patient(connection))
+        _reserve(db_kind).run_many(connection, [
+            {"subject": "patient:1", "unit": u, "seat": 0, "appointment_id": appointment_id} for u in range(3)])
+        Direct(insert(RESERVATIONS)).run_many(connection, [
+            {"subject": "patient:2", "unit": u, "seat": 0, "appointment_id": appointment_id} for u in range(3)])
     inserts = [entry for entry in seen if entry[0] == "INSERT"]
     # RETURNING many: one statement on SQLite, psycopg's executemany on PostgreSQL
     assert inserts == [("INSERT", False), ("INSERT", False), ("INSERT", db_kind == "postgresql"), ("INSERT", True)]
@@ -171,27 +179,18 @@ def test_one_parameter_set_is_one_execute_with_what_many_would_give(slotengine_s
                                                                     db_kind):
     """psycopg pipelines every executemany (three waits on the server even for one set):
     ``run_many`` of a single set runs it as one execute instead, with the same result."""
-    seen = []
-
-    def _sent(_conn, _cursor, statement, parameters, _context, executemany):
-        seen.append((statement.split()[0], executemany))
-
-    event.listen(slotengine_engine, "before_cursor_execute", _sent)
-    try:
-        with slotengine_session_factory() as session, session.begin():
-            connection = session.connection()
-            appointment_id = _appointment(connection, _patient(connection))
-            seen.clear()
-            returned = _reserve(db_kind).run_many(connection, [
-                {"subject": "patient:1", "unit": 7, "seat": 0, "appointment_id": appointment_id}])
-            again = _reserve(db_kind).run_many(connection, [
-                {"subject": "patient:1", "unit": 7, "seat": 0, "appointment_id": appointment_id}])
-            plain = Direct(update(RESERVATIONS).where(RESERVATIONS.c.unit == bindparam("old"))
-                           .values(unit=bindparam("new"))).run_many(connection, [{"old": 7, "new": 8}])
-            units = connection.execute(select(RESERVATIONS.c.unit).where(
-                RESERVATIONS.c.appointment_id == appointment_id)).scalars().all()
-    finally:
-        event.remove(slotengine_engine, "before_cursor_execute", _sent)
+    with _verbs_sent(slotengine_engine) as seen, slotengine_session_factory() as session, session.begin():
+        connection = session.connection()
+        appointment_id = _appointment(connection, _patient(connection))
+        seen.clear()
+        returned = _reserve(db_kind).run_many(connection, [
+            {"subject": "patient:1", "unit": 7, "seat": 0, "appointment_id": appointment_id}])
+        again = _reserve(db_kind).run_many(connection, [
+            {"subject": "patient:1", "unit": 7, "seat": 0, "appointment_id": appointment_id}])
+        plain = Direct(update(RESERVATIONS).where(RESERVATIONS.c.unit == bindparam("old"))
+                       .values(unit=bindparam("new"))).run_many(connection, [{"old": 7, "new": 8}])
+        units = connection.execute(select(RESERVATIONS.c.unit).where(
+            RESERVATIONS.c.appointment_id == appointment_id)).scalars().all()
     assert [tuple(row) for row in returned] == [("patient:1", 7, 0)] and again == [] and plain == []
     assert units == [8]
     assert seen[:3] == [("INSERT", False), ("INSERT", False), ("UPDATE", False)]
